@@ -1,0 +1,97 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class EntryType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REG: _ClassVar[EntryType]
+    DIR: _ClassVar[EntryType]
+    SYMLINK: _ClassVar[EntryType]
+    HARDLINK: _ClassVar[EntryType]
+    CHAR: _ClassVar[EntryType]
+    BLOCK: _ClassVar[EntryType]
+    FIFO: _ClassVar[EntryType]
+REG: EntryType
+DIR: EntryType
+SYMLINK: EntryType
+HARDLINK: EntryType
+CHAR: EntryType
+BLOCK: EntryType
+FIFO: EntryType
+
+class Chunk(_message.Message):
+    __slots__ = ("file_offset", "blob_offset", "compressed_size", "size", "digest")
+    FILE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    BLOB_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSED_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    file_offset: int
+    blob_offset: int
+    compressed_size: int
+    size: int
+    digest: bytes
+    def __init__(self, file_offset: _Optional[int] = ..., blob_offset: _Optional[int] = ..., compressed_size: _Optional[int] = ..., size: _Optional[int] = ..., digest: _Optional[bytes] = ...) -> None: ...
+
+class Xattr(_message.Message):
+    __slots__ = ("name", "value")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    value: bytes
+    def __init__(self, name: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+
+class Entry(_message.Message):
+    __slots__ = ("name", "type", "mode", "uid", "gid", "uname", "gname", "size", "mtime", "mtime_nsec", "linkname", "devmajor", "devminor", "xattrs", "chunks", "header_offset")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
+    GID_FIELD_NUMBER: _ClassVar[int]
+    UNAME_FIELD_NUMBER: _ClassVar[int]
+    GNAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    MTIME_FIELD_NUMBER: _ClassVar[int]
+    MTIME_NSEC_FIELD_NUMBER: _ClassVar[int]
+    LINKNAME_FIELD_NUMBER: _ClassVar[int]
+    DEVMAJOR_FIELD_NUMBER: _ClassVar[int]
+    DEVMINOR_FIELD_NUMBER: _ClassVar[int]
+    XATTRS_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    HEADER_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    name: bytes
+    type: EntryType
+    mode: int
+    uid: int
+    gid: int
+    uname: str
+    gname: str
+    size: int
+    mtime: int
+    mtime_nsec: int
+    linkname: bytes
+    devmajor: int
+    devminor: int
+    xattrs: _containers.RepeatedCompositeFieldContainer[Xattr]
+    chunks: _containers.RepeatedCompositeFieldContainer[Chunk]
+    header_offset: int
+    def __init__(self, name: _Optional[bytes] = ..., type: _Optional[_Union[EntryType, str]] = ..., mode: _Optional[int] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., uname: _Optional[str] = ..., gname: _Optional[str] = ..., size: _Optional[int] = ..., mtime: _Optional[int] = ..., mtime_nsec: _Optional[int] = ..., linkname: _Optional[bytes] = ..., devmajor: _Optional[int] = ..., devminor: _Optional[int] = ..., xattrs: _Optional[_Iterable[_Union[Xattr, _Mapping]]] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., header_offset: _Optional[int] = ...) -> None: ...
+
+class TOC(_message.Message):
+    __slots__ = ("version", "entries", "prefetch", "tar_size", "tar_digest")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_FIELD_NUMBER: _ClassVar[int]
+    TAR_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TAR_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    entries: _containers.RepeatedCompositeFieldContainer[Entry]
+    prefetch: _containers.RepeatedScalarFieldContainer[int]
+    tar_size: int
+    tar_digest: bytes
+    def __init__(self, version: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[Entry, _Mapping]]] = ..., prefetch: _Optional[_Iterable[int]] = ..., tar_size: _Optional[int] = ..., tar_digest: _Optional[bytes] = ...) -> None: ...

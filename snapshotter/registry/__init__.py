@@ -1,0 +1,1 @@
+"""Distribution (OCI registry) API client: auth, mirrors, blobs, manifests, range reads."""
