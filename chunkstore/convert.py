@@ -1,0 +1,208 @@
+"""Tar stream -> zest layer blob (zstd frames + TOC + footer). File objects in and out.
+
+Concurrency: the calling thread reads and parses the tar, runs the chunker and
+hashes the whole stream (the DiffID); a thread pool hashes and compresses each
+frame (zstd and hashlib release the GIL). Frames are written in order by the
+calling thread, which is the only one touching the TOC and the output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import zstandard
+
+from chunkstore import format as fmt
+from chunkstore import tarstream
+from chunkstore._pb import toc_pb2
+from chunkstore.chunker import DEFAULT_PARAMS, ChunkerParams, iter_chunks
+from chunkstore.digest import Digest
+
+# Metadata (headers, padding) is gathered into frames of at most this size.
+_META_FRAME_MAX = 1024 * 1024
+# Bound on uncompressed bytes waiting in the pool: memory stays flat on big layers.
+_IN_FLIGHT_BYTES = 64 * 1024 * 1024
+
+_ENTRY_TYPES = {
+    tarstream.REG: toc_pb2.REG,
+    tarstream.DIR: toc_pb2.DIR,
+    tarstream.SYMLINK: toc_pb2.SYMLINK,
+    tarstream.HARDLINK: toc_pb2.HARDLINK,
+    tarstream.CHAR: toc_pb2.CHAR,
+    tarstream.BLOCKDEV: toc_pb2.BLOCK,
+    tarstream.FIFO: toc_pb2.FIFO,
+}
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    """What the converter learnt about one layer; enough to write its descriptor."""
+
+    blob_digest: Digest
+    blob_size: int
+    diff_id: Digest  # SHA-256 of the uncompressed tar
+    tar_size: int
+    footer: fmt.Footer
+    entries: int
+    chunks: int
+    distinct_chunks: int
+
+
+class _Frames:
+    """Compresses frames in a pool and writes them to `out` in submission order."""
+
+    def __init__(self, out: BinaryIO, level: int, threads: int):
+        self._out = out
+        self._hasher = hashlib.sha256()
+        self.offset = 0
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="zest-zstd")
+        self._local = threading.local()
+        self._level = level
+        self._pending: deque[tuple[Future[tuple[bytes, bytes]], toc_pb2.Chunk | None, int]] = (
+            deque()
+        )
+        self._in_flight = 0
+
+    def _compress(self, data: bytes, want_digest: bool) -> tuple[bytes, bytes]:
+        cctx = getattr(self._local, "cctx", None)
+        if cctx is None:
+            cctx = zstandard.ZstdCompressor(level=self._level, write_content_size=True)
+            self._local.cctx = cctx
+        digest = hashlib.sha256(data).digest() if want_digest else b""
+        return digest, cctx.compress(data)
+
+    def submit(self, data: bytes, chunk: toc_pb2.Chunk | None) -> None:
+        """Queue a frame; `chunk` (if any) gets its blob offset, size and digest when written."""
+        fut = self._pool.submit(self._compress, data, chunk is not None)
+        self._pending.append((fut, chunk, len(data)))
+        self._in_flight += len(data)
+        while self._in_flight > _IN_FLIGHT_BYTES:
+            self._write_one()
+
+    def _write_one(self) -> None:
+        fut, chunk, n = self._pending.popleft()
+        digest, frame = fut.result()
+        if chunk is not None:
+            chunk.blob_offset = self.offset
+            chunk.compressed_size = len(frame)
+            chunk.digest = digest
+        self.write_raw(frame)
+        self._in_flight -= n
+
+    def write_raw(self, data: bytes) -> None:
+        self._out.write(data)
+        self._hasher.update(data)
+        self.offset += len(data)
+
+    def drain(self) -> None:
+        while self._pending:
+            self._write_one()
+
+    def close(self) -> Digest:
+        self.drain()
+        self._pool.shutdown()
+        return Digest(self._hasher.digest())
+
+    def abort(self) -> None:
+        for fut, _, _ in self._pending:
+            fut.cancel()
+        self._pool.shutdown(cancel_futures=True)
+
+
+def _entry_proto(e: tarstream.TarEntry) -> toc_pb2.Entry:
+    pe = toc_pb2.Entry(
+        name=e.name, type=_ENTRY_TYPES[e.type], mode=e.mode, uid=e.uid, gid=e.gid,
+        uname=e.uname, gname=e.gname, size=e.size, mtime=e.mtime, mtime_nsec=e.mtime_nsec,
+        linkname=e.linkname, devmajor=e.devmajor, devminor=e.devminor,
+        header_offset=e.header_offset,
+    )  # fmt: skip
+    for k in sorted(e.xattrs):
+        pe.xattrs.add(name=k, value=e.xattrs[k])
+    return pe
+
+
+def convert_tar(
+    src: BinaryIO,
+    dst: BinaryIO,
+    *,
+    level: int = 3,
+    threads: int = 0,
+    params: ChunkerParams = DEFAULT_PARAMS,
+    progress: Callable[[int], None] | None = None,
+) -> LayerResult:
+    """Read an uncompressed tar from `src`, write a zest blob to `dst`.
+
+    `progress` is called with the number of tar bytes consumed so far.
+    """
+    tar_hash = hashlib.sha256()
+    reader = tarstream.TarReader(src, on_bytes=tar_hash.update)
+    frames = _Frames(dst, level, threads or os.cpu_count() or 1)
+    toc = toc_pb2.TOC(version=fmt.TOC_VERSION)
+    meta = bytearray()
+    nchunks = 0
+    try:
+        while True:
+            raw, entry = reader.next()
+            meta += raw
+            if entry is None:
+                break
+            toc.entries.append(_entry_proto(entry))
+            pe = toc.entries[-1]
+            if entry.size:
+                if meta:
+                    frames.submit(bytes(meta), None)
+                    meta.clear()
+                file_off = 0
+                for data in iter_chunks(reader.read_data, entry.size, params):
+                    chunk = pe.chunks.add(file_offset=file_off, size=len(data))
+                    frames.submit(data, chunk)
+                    file_off += len(data)
+                    nchunks += 1
+                if progress is not None:
+                    progress(reader.offset)
+            elif len(meta) >= _META_FRAME_MAX:
+                frames.submit(bytes(meta), None)
+                meta.clear()
+        while True:  # end-of-archive blocks and whatever follows them
+            if len(meta) >= _META_FRAME_MAX:
+                frames.submit(bytes(meta), None)
+                meta.clear()
+            rest = reader.read_rest(_META_FRAME_MAX)
+            if not rest:
+                break
+            meta += rest
+        if meta:
+            frames.submit(bytes(meta), None)
+        frames.drain()
+        toc.tar_size = reader.offset
+        toc.tar_digest = tar_hash.digest()
+        payload = fmt.encode_toc(toc)
+        frames.write_raw(fmt.toc_frame_header(len(payload)))
+        footer = fmt.Footer(frames.offset, len(payload), Digest.of(payload))
+        frames.write_raw(payload)
+        frames.write_raw(footer.encode())
+        blob_size = frames.offset
+        blob_digest = frames.close()
+    except BaseException:
+        frames.abort()
+        raise
+    if progress is not None:
+        progress(reader.offset)
+    distinct = {c.digest for e in toc.entries for c in e.chunks}
+    return LayerResult(
+        blob_digest=blob_digest,
+        blob_size=blob_size,
+        diff_id=Digest(toc.tar_digest),
+        tar_size=reader.offset,
+        footer=footer,
+        entries=len(toc.entries),
+        chunks=nchunks,
+        distinct_chunks=len(distinct),
+    )

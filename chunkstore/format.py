@@ -1,0 +1,138 @@
+"""Byte layout of a zest layer blob. Bytes in, bytes out; no I/O.
+
+A blob is a valid zstd stream (docs/format.md gives the full spec):
+
+    [zstd frame]...          the original tar, cut at chunk boundaries
+    [skippable frame  TOC]   magic 0x184D2A5D, u32le size, zstd(TOC protobuf)
+    [skippable frame  footer] magic 0x184D2A5E, u32le 64, payload below
+
+Footer payload, 64 bytes, little-endian:
+
+    off size field
+      0    8 magic       b"zest.toc"
+      8    4 version     FORMAT_VERSION
+     12    4 flags       0 (reserved; readers refuse unknown bits)
+     16    8 toc_offset  blob offset of the TOC frame's payload
+     24    8 toc_size    length of that payload (zstd-compressed TOC)
+     32   32 toc_digest  SHA-256 of that payload
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import zstandard
+
+from chunkstore._pb import toc_pb2
+from chunkstore.digest import Digest
+from chunkstore.errors import FormatError
+
+FORMAT_VERSION = 1
+TOC_VERSION = 1
+
+ZSTD_FRAME_MAGIC = 0xFD2FB528
+SKIPPABLE_TOC = 0x184D2A5D
+SKIPPABLE_FOOTER = 0x184D2A5E
+_SKIPPABLE_HEADER = struct.Struct("<II")  # magic, payload size
+
+FOOTER_MAGIC = b"zest.toc"
+_FOOTER = struct.Struct("<8sIIQQ32s")
+FOOTER_PAYLOAD_SIZE = _FOOTER.size  # 64
+FOOTER_SIZE = _SKIPPABLE_HEADER.size + FOOTER_PAYLOAD_SIZE  # 72
+
+# Layer descriptor annotations: a snapshotter needs one range request for the TOC.
+ANNOTATION_PREFIX = "dev.zest."
+ANN_VERSION = ANNOTATION_PREFIX + "version"
+ANN_TOC_OFFSET = ANNOTATION_PREFIX + "toc.offset"
+ANN_TOC_SIZE = ANNOTATION_PREFIX + "toc.size"
+ANN_TOC_DIGEST = ANNOTATION_PREFIX + "toc.digest"
+
+# A TOC larger than this is refused before decompression (protects the daemon's memory).
+MAX_TOC_SIZE = 512 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Footer:
+    toc_offset: int
+    toc_size: int
+    toc_digest: Digest
+    version: int = FORMAT_VERSION
+
+    def encode(self) -> bytes:
+        payload = _FOOTER.pack(
+            FOOTER_MAGIC, self.version, 0, self.toc_offset, self.toc_size, self.toc_digest.raw
+        )
+        return _SKIPPABLE_HEADER.pack(SKIPPABLE_FOOTER, len(payload)) + payload
+
+    @classmethod
+    def decode(cls, data: bytes) -> Footer:
+        if len(data) != FOOTER_SIZE:
+            raise FormatError(f"footer must be {FOOTER_SIZE} bytes, got {len(data)}")
+        magic, size = _SKIPPABLE_HEADER.unpack_from(data)
+        if magic != SKIPPABLE_FOOTER or size != FOOTER_PAYLOAD_SIZE:
+            raise FormatError("not a zest layer: no zest footer at the end of the blob")
+        fmagic, version, flags, offset, toc_size, digest = _FOOTER.unpack_from(data, 8)
+        if fmagic != FOOTER_MAGIC:
+            raise FormatError("not a zest layer: bad footer magic")
+        if version != FORMAT_VERSION:
+            raise FormatError(f"unsupported zest format version {version} (this zest reads 1)")
+        if flags != 0:
+            raise FormatError(f"unsupported zest footer flags {flags:#x}")
+        if toc_size > MAX_TOC_SIZE:
+            raise FormatError(f"TOC of {toc_size} bytes exceeds the {MAX_TOC_SIZE} byte limit")
+        return cls(offset, toc_size, Digest(digest), version)
+
+
+def toc_frame_header(payload_size: int) -> bytes:
+    """The 8 bytes that precede the compressed TOC in the blob."""
+    return _SKIPPABLE_HEADER.pack(SKIPPABLE_TOC, payload_size)
+
+
+def encode_toc(toc: toc_pb2.TOC, level: int = 9) -> bytes:
+    """Serialize and compress a TOC; the result is the TOC frame's payload."""
+    return zstandard.ZstdCompressor(level=level).compress(toc.SerializeToString())
+
+
+def decode_toc(payload: bytes, expected: Digest | None = None) -> toc_pb2.TOC:
+    """Verify (when a digest is given), decompress and parse a TOC payload."""
+    if expected is not None:
+        expected.verify(payload, "TOC")
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(payload, max_output_size=MAX_TOC_SIZE * 8)
+    except zstandard.ZstdError as exc:
+        raise FormatError(f"TOC is not valid zstd: {exc}") from exc
+    toc = toc_pb2.TOC()
+    try:
+        toc.ParseFromString(raw)
+    except Exception as exc:  # protobuf raises DecodeError, a plain Exception subclass
+        raise FormatError(f"TOC is not a valid protobuf message: {exc}") from exc
+    if toc.version != TOC_VERSION:
+        raise FormatError(f"unsupported TOC version {toc.version} (this zest reads 1)")
+    return toc
+
+
+def toc_annotations(footer: Footer) -> dict[str, str]:
+    return {
+        ANN_VERSION: str(footer.version),
+        ANN_TOC_OFFSET: str(footer.toc_offset),
+        ANN_TOC_SIZE: str(footer.toc_size),
+        ANN_TOC_DIGEST: str(footer.toc_digest),
+    }
+
+
+def footer_from_annotations(annotations: dict[str, str]) -> Footer | None:
+    """The TOC location from a layer descriptor, or None when it is not a zest layer."""
+    if ANN_TOC_DIGEST not in annotations:
+        return None
+    try:
+        version = int(annotations.get(ANN_VERSION, "1"))
+        offset = int(annotations[ANN_TOC_OFFSET])
+        size = int(annotations[ANN_TOC_SIZE])
+    except (KeyError, ValueError) as exc:
+        raise FormatError(f"bad zest layer annotations: {exc}") from exc
+    if version != FORMAT_VERSION:
+        raise FormatError(f"unsupported zest format version {version} (this zest reads 1)")
+    if size > MAX_TOC_SIZE or offset < 0:
+        raise FormatError(f"bad zest layer annotations: TOC offset {offset} size {size}")
+    return Footer(offset, size, Digest.parse(annotations[ANN_TOC_DIGEST]), version)
