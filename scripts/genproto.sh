@@ -4,7 +4,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 "$PY" -m grpc_tools.protoc -Iproto/zest --python_out=chunkstore/_pb --pyi_out=chunkstore/_pb proto/zest/toc.proto
-if [ -d snapshotter/_pb ]; then
-  "$PY" -m grpc_tools.protoc -Iproto --python_out=snapshotter/_pb --pyi_out=snapshotter/_pb \
-    --grpc_python_out=snapshotter/_pb $(cd proto && ls containerd/**/*.proto 2>/dev/null || true) || true
-fi
+
+# containerd's Snapshots API -> snapshotter/_pb/containerd/... . protoc writes absolute imports
+# (`from containerd.types import ...`); they are rewritten to live under snapshotter._pb.
+# google/protobuf/*.proto come from grpcio-tools' bundled well-known types.
+CONTAINERD_PROTOS=(containerd/types/mount.proto containerd/services/snapshots/v1/snapshots.proto)
+rm -rf snapshotter/_pb/containerd
+mkdir -p snapshotter/_pb
+"$PY" -m grpc_tools.protoc -Iproto --python_out=snapshotter/_pb --pyi_out=snapshotter/_pb \
+  --grpc_python_out=snapshotter/_pb "${CONTAINERD_PROTOS[@]/#/proto/}"
+find snapshotter/_pb/containerd -name '*.py*' -exec \
+  sed -i -E 's/^from containerd\.([a-z0-9_.]+) import/from snapshotter._pb.containerd.\1 import/' {} +
+rm -f snapshotter/_pb/containerd/types/mount_pb2_grpc.py
+for d in snapshotter/_pb $(find snapshotter/_pb/containerd -type d); do
+  [ -f "$d/__init__.py" ] || : >"$d/__init__.py"
+done
