@@ -1,1 +1,1 @@
-"""Images: references, where they are stored (registry, OCI layout, OCI archive) and their conversion."""
+"""Images: references, stores (registry, OCI layout, OCI archive) and conversion."""

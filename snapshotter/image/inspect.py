@@ -1,4 +1,4 @@
-"""`zest inspect`: per layer, its format, sizes, entries and chunks, and whether its TOC verifies."""
+"""`zest inspect`: per layer its format, sizes, entries, chunks and whether the TOC verifies."""
 
 from __future__ import annotations
 
