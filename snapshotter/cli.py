@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 log = logging.getLogger("zest")
 
@@ -60,9 +61,70 @@ def _add_inspect(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.set_defaults(func=run)
 
 
+def _add_snapshotter(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "snapshotter",
+        help="run the daemon containerd talks to (Snapshots API on a unix socket)",
+        description="Flags override the configuration file; see docs/config.md.",
+    )
+    p.add_argument("--config", type=Path, help="TOML file (default: /etc/zest/config.toml if any)")
+    p.add_argument("--root", help="state directory (default /var/lib/zest)")
+    p.add_argument("--address", help="unix socket to listen on (default /run/zest/zest.sock)")
+    p.add_argument(
+        "--log-level", dest="daemon_log_level", metavar="LEVEL", help="debug, info, warning, error"
+    )
+
+    def run(args: argparse.Namespace) -> int:
+        from snapshotter import config, daemon
+        from snapshotter.logs import setup_logging
+
+        level = args.daemon_log_level or (args.log_level if args.log_level != "info" else None)
+        cfg = config.load(args.config).with_overrides(
+            root=args.root, address=args.address, log_level=level
+        )
+        setup_logging(cfg.log_level)
+        return daemon.run(cfg)
+
+    p.set_defaults(func=run)
+
+
+def _add_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("config", help="print configuration for other programs")
+    csub = p.add_subparsers(dest="config_command", required=True)
+    c = csub.add_parser("containerd", help="print the containerd config.toml lines that use zest")
+    c.add_argument("--config", type=Path, help="zest's TOML file, for the socket address")
+    c.add_argument("--address", help="socket address (overrides the configuration)")
+    c.add_argument("--containerd-version", help="MAJOR.MINOR (default: `containerd --version`)")
+
+    def run(args: argparse.Namespace) -> int:
+        import subprocess
+
+        from snapshotter import config
+
+        cfg = config.load(args.config).with_overrides(address=args.address)
+        text = args.containerd_version
+        if text is None:
+            try:
+                done = subprocess.run(
+                    ["containerd", "--version"], capture_output=True, text=True, timeout=10
+                )
+                text = done.stdout
+            except (OSError, subprocess.TimeoutExpired):
+                text = ""
+        version = config.parse_containerd_version(text)
+        if args.containerd_version is not None and version is None:
+            raise CommandError(f"--containerd-version must be MAJOR.MINOR, not {text!r}")
+        print(config.containerd_snippet(cfg.grpc.address, version), end="")
+        return 0
+
+    c.set_defaults(func=run)
+
+
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     _add_convert,
     _add_inspect,
+    _add_snapshotter,
+    _add_config,
 ]
 
 
@@ -94,5 +156,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.debug("command failed", exc_info=True)
         print(f"zest {args.command}: error: {exc}", file=sys.stderr)
         if not known:
-            print("(unexpected error; rerun with --log-level debug for a traceback)", file=sys.stderr)
+            hint = "(unexpected error; rerun with --log-level debug for a traceback)"
+            print(hint, file=sys.stderr)
         return 1
