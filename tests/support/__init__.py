@@ -1,0 +1,1 @@
+"""Test helpers that start real components: images, registry, containerd. Never shipped."""
