@@ -11,9 +11,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from types import ModuleType
 
 from chunkstore.errors import FormatError
 
+_fastcdc: ModuleType | None
 try:
     from _native import fastcdc as _fastcdc
 except ImportError:  # pragma: no cover - exercised when the extension is not built
@@ -108,7 +110,10 @@ def cut_points_py(data: bytes | bytearray | memoryview, p: ChunkerParams, eof: b
 def cut_points(data: bytes | bytearray | memoryview, p: ChunkerParams, eof: bool) -> list[int]:
     if _fastcdc is None:
         return cut_points_py(data, p, eof)
-    return _fastcdc.cut_points(data, p.min_size, p.avg_size, p.max_size, p.mask_s, p.mask_l, eof)
+    cuts: list[int] = _fastcdc.cut_points(
+        data, p.min_size, p.avg_size, p.max_size, p.mask_s, p.mask_l, eof
+    )
+    return cuts
 
 
 def native_available() -> bool:

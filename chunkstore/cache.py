@@ -1,0 +1,173 @@
+"""Content-addressed chunk cache on local disk, shared by every layer and image.
+
+Layout: `<root>/chunks/<first 2 hex>/<64 hex>` holds a chunk's uncompressed
+bytes; `<root>/tmp/` holds writes in progress. A chunk is written to tmp and
+renamed into place, so a reader never sees half a file. There is no fsync per
+chunk: every read from disk is verified against the digest in the file's name,
+so a file torn by a power cut is detected, deleted and fetched again, which is
+cheaper than fsyncing each put.
+
+Size is bounded: when the total passes `max_bytes`, the least recently used
+chunks are deleted until it is below 90% of it. Recency survives restarts
+through the files' mtimes, which `get` bumps (at most once a minute per chunk).
+
+Thread-safe: one lock guards the in-memory index; file I/O happens outside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from chunkstore.digest import Digest
+
+log = logging.getLogger(__name__)
+
+_TOUCH_INTERVAL = 60.0  # seconds between mtime bumps of one chunk
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    chunks: int
+    bytes: int
+    max_bytes: int
+    hits: int
+    misses: int
+    evictions: int
+    corrupt: int
+
+
+class ChunkCache:
+    def __init__(self, root: str | os.PathLike[str], max_bytes: int):
+        self.root = Path(root)
+        self.max_bytes = max_bytes
+        self._chunks = self.root / "chunks"
+        self._tmp = self.root / "tmp"
+        self._chunks.mkdir(parents=True, exist_ok=True)
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        # digest hex -> (size, last use); ordered oldest first
+        self._index: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        self._total = 0
+        self.hits = self.misses = self.evictions = self.corrupt = 0
+        self._clean_tmp()
+        self._load()
+
+    def _clean_tmp(self) -> None:
+        for p in self._tmp.iterdir():
+            p.unlink(missing_ok=True)
+
+    def _load(self) -> None:
+        found: list[tuple[float, str, int]] = []
+        for sub in self._chunks.iterdir():
+            for p in sub.iterdir() if sub.is_dir() else ():
+                try:
+                    st = p.stat()
+                except FileNotFoundError:
+                    continue
+                found.append((st.st_mtime, p.name, st.st_size))
+        found.sort()
+        for mtime, name, size in found:
+            self._index[name] = (size, mtime)
+            self._total += size
+
+    def _path(self, hexdigest: str) -> Path:
+        return self._chunks / hexdigest[:2] / hexdigest
+
+    def __contains__(self, digest: Digest) -> bool:
+        with self._lock:
+            return digest.hex in self._index
+
+    def get(self, digest: Digest) -> bytes | None:
+        """The chunk's bytes, verified, or None when absent (or found corrupt and dropped)."""
+        h = digest.hex
+        try:
+            with open(self._path(h), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            with self._lock:
+                self.misses += 1
+                entry = self._index.pop(h, None)
+                if entry:
+                    self._total -= entry[0]
+            return None
+        if hashlib.sha256(data).digest() != digest.raw:
+            log.warning("dropping corrupt cached chunk", extra={"kv": {"digest": str(digest)}})
+            self._drop(h)
+            with self._lock:
+                self.corrupt += 1
+                self.misses += 1
+            return None
+        now = time.time()
+        touch = False
+        with self._lock:
+            self.hits += 1
+            old = self._index.pop(h, None)
+            if old is None:
+                self._total += len(data)
+                touch = True
+            elif now - old[1] > _TOUCH_INTERVAL:
+                touch = True
+            self._index[h] = (len(data), now if touch else (old[1] if old else now))
+        if touch:
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(self._path(h))
+        return data
+
+    def put(self, digest: Digest, data: bytes) -> None:
+        """Store verified bytes (the caller verified them; they are named by their digest)."""
+        h = digest.hex
+        path = self._path(h)
+        with self._lock:
+            if h in self._index:
+                return
+        path.parent.mkdir(exist_ok=True)
+        tmp = self._tmp / f"{h}.{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        with self._lock:
+            if h not in self._index:
+                self._index[h] = (len(data), time.time())
+                self._total += len(data)
+            over = self._total > self.max_bytes
+        if over:
+            self._evict(int(self.max_bytes * 0.9))
+
+    def _drop(self, h: str) -> None:
+        self._path(h).unlink(missing_ok=True)
+        with self._lock:
+            entry = self._index.pop(h, None)
+            if entry:
+                self._total -= entry[0]
+
+    def _evict(self, target: int) -> int:
+        victims: list[str] = []
+        with self._lock:
+            while self._total > target and self._index:
+                h, (size, _) = self._index.popitem(last=False)
+                self._total -= size
+                victims.append(h)
+            self.evictions += len(victims)
+        for h in victims:
+            self._path(h).unlink(missing_ok=True)
+        if victims:
+            log.info("evicted chunks", extra={"kv": {"count": len(victims), "bytes": self._total}})
+        return len(victims)
+
+    def prune(self, target_bytes: int = 0) -> int:
+        """Delete least recently used chunks until at most target_bytes remain."""
+        return self._evict(target_bytes)
+
+    def stats(self) -> CacheStats:
+        with self._lock:
+            return CacheStats(len(self._index), self._total, self.max_bytes, self.hits,
+                              self.misses, self.evictions, self.corrupt)

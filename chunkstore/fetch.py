@@ -1,0 +1,231 @@
+"""Chunks by digest: memory, then the disk cache, then the blob's RangeSource.
+
+The read path's contract: every byte returned was decompressed from the blob
+and matched its SHA-256 before it was cached or handed out. Missing chunks
+that lie close together in the blob are fetched with one range request;
+concurrent callers wanting the same digest share one fetch. A chunk that fails
+verification is fetched once more on its own, then reported unavailable.
+
+Concurrency: all methods are blocking and thread-safe; callers (the FUSE
+reader, the prefetcher) run them in worker threads. `_lock` guards only the
+in-flight table and the memory LRU; network, zstd and hashing run outside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Protocol
+
+import zstandard
+
+from chunkstore.cache import ChunkCache
+from chunkstore.digest import Digest
+from chunkstore.errors import ChunkUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class RangeSource(Protocol):
+    """One blob that can be read by byte range (a registry blob, a local file)."""
+
+    def read_range(self, offset: int, length: int) -> bytes: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRef:
+    digest: bytes  # raw SHA-256 of the uncompressed bytes
+    blob_offset: int
+    compressed_size: int
+    size: int
+
+    @property
+    def end(self) -> int:
+        return self.blob_offset + self.compressed_size
+
+
+@dataclass
+class FetchStats:
+    requests: int = 0
+    bytes_fetched: int = 0
+    chunks_fetched: int = 0
+    memory_hits: int = 0
+    verify_failures: int = 0
+
+
+class Fetcher:
+    def __init__(
+        self,
+        cache: ChunkCache,
+        *,
+        max_gap: int = 64 * 1024,
+        max_request: int = 16 * 1024 * 1024,
+        memory_bytes: int = 64 * 1024 * 1024,
+    ):
+        self.cache = cache
+        self.max_gap = max_gap
+        self.max_request = max_request
+        self.memory_bytes = memory_bytes
+        self.stats = FetchStats()
+        self._lock = threading.Lock()
+        self._inflight: dict[bytes, Future[bytes]] = {}
+        self._memory: OrderedDict[bytes, bytes] = OrderedDict()
+        self._memory_total = 0
+        self._local = threading.local()
+
+    # -- memory tier -------------------------------------------------------
+    def _mem_get(self, digest: bytes) -> bytes | None:
+        with self._lock:
+            data = self._memory.get(digest)
+            if data is not None:
+                self._memory.move_to_end(digest)
+                self.stats.memory_hits += 1
+            return data
+
+    def _mem_put(self, digest: bytes, data: bytes) -> None:
+        with self._lock:
+            if digest in self._memory or len(data) > self.memory_bytes:
+                return
+            self._memory[digest] = data
+            self._memory_total += len(data)
+            while self._memory_total > self.memory_bytes:
+                _, old = self._memory.popitem(last=False)
+                self._memory_total -= len(old)
+
+    # -- public ------------------------------------------------------------
+    def is_cached(self, ref: ChunkRef) -> bool:
+        with self._lock:
+            if ref.digest in self._memory:
+                return True
+        return Digest(ref.digest) in self.cache
+
+    def get(self, source: RangeSource, refs: Sequence[ChunkRef], what: str = "") -> list[bytes]:
+        """The uncompressed, verified bytes of each chunk, in the order asked."""
+        found: dict[bytes, bytes] = {}
+        missing: list[ChunkRef] = []
+        for ref in refs:
+            if ref.digest in found:
+                continue
+            data = self._mem_get(ref.digest)
+            if data is None:
+                data = self.cache.get(Digest(ref.digest))
+                if data is not None:
+                    self._mem_put(ref.digest, data)
+            if data is None:
+                missing.append(ref)
+            else:
+                found[ref.digest] = data
+        if missing:
+            found.update(self._fetch(source, missing, what))
+        return [found[r.digest] for r in refs]
+
+    def _fetch(self, source: RangeSource, refs: list[ChunkRef], what: str) -> dict[bytes, bytes]:
+        owned: list[ChunkRef] = []
+        owned_digests: set[bytes] = set()
+        waiting: dict[bytes, Future[bytes]] = {}
+        with self._lock:
+            for ref in refs:
+                if ref.digest in waiting or ref.digest in owned_digests:
+                    continue
+                fut = self._inflight.get(ref.digest)
+                if fut is None:
+                    self._inflight[ref.digest] = Future()
+                    owned.append(ref)
+                    owned_digests.add(ref.digest)
+                else:
+                    waiting[ref.digest] = fut
+        out: dict[bytes, bytes] = {}
+        try:
+            for group in self._groups(sorted(owned, key=lambda r: r.blob_offset)):
+                out.update(self._fetch_group(source, group, what))
+        except BaseException as exc:
+            err = exc if isinstance(exc, ChunkUnavailable) else ChunkUnavailable(
+                f"{what}: fetching chunks failed: {exc}")
+            self._finish({r.digest for r in owned if r.digest not in out}, None, err)
+            if err is exc:
+                raise
+            raise err from exc
+        for digest, fut in waiting.items():
+            out[digest] = fut.result()
+        return out
+
+    def _finish(self, digests: set[bytes], data: dict[bytes, bytes] | None,
+                err: BaseException | None) -> None:
+        with self._lock:
+            futs = [(d, self._inflight.pop(d)) for d in digests if d in self._inflight]
+        for d, fut in futs:
+            if err is not None:
+                fut.set_exception(err)
+            else:
+                assert data is not None
+                fut.set_result(data[d])
+
+    def _groups(self, refs: list[ChunkRef]) -> list[list[ChunkRef]]:
+        groups: list[list[ChunkRef]] = []
+        for ref in refs:
+            if groups:
+                g = groups[-1]
+                if (ref.blob_offset - g[-1].end <= self.max_gap
+                        and ref.end - g[0].blob_offset <= self.max_request
+                        and ref.blob_offset >= g[-1].end):
+                    g.append(ref)
+                    continue
+            groups.append([ref])
+        return groups
+
+    def _fetch_group(self, source: RangeSource, group: list[ChunkRef],
+                     what: str) -> dict[bytes, bytes]:
+        start, end = group[0].blob_offset, group[-1].end
+        blob = self._read(source, start, end - start)
+        out: dict[bytes, bytes] = {}
+        for ref in group:
+            frame = blob[ref.blob_offset - start : ref.end - start]
+            data = self._decode(ref, frame)
+            if data is None:
+                self.stats.verify_failures += 1
+                log.warning("chunk failed verification; fetching it again",
+                            extra={"kv": {"what": what, "chunk": Digest(ref.digest)}})
+                data = self._decode(ref, self._read(source, ref.blob_offset,
+                                                    ref.compressed_size))
+                if data is None:
+                    self.stats.verify_failures += 1
+                    msg = (f"{what}: chunk {Digest(ref.digest)} at blob offset "
+                           f"{ref.blob_offset} does not match its digest after a second "
+                           "fetch; the registry serves corrupt data")
+                    log.error("chunk verification failed", extra={"kv": {
+                        "what": what, "chunk": Digest(ref.digest), "offset": ref.blob_offset}})
+                    raise ChunkUnavailable(msg)
+            self.cache.put(Digest(ref.digest), data)
+            self._mem_put(ref.digest, data)
+            out[ref.digest] = data
+            self._finish({ref.digest}, out, None)
+        with self._lock:
+            self.stats.chunks_fetched += len(group)
+        return out
+
+    def _read(self, source: RangeSource, offset: int, length: int) -> bytes:
+        data = source.read_range(offset, length)
+        with self._lock:
+            self.stats.requests += 1
+            self.stats.bytes_fetched += len(data)
+        if len(data) != length:
+            raise ChunkUnavailable(f"short range read: {len(data)} of {length} bytes at "
+                                   f"offset {offset}")
+        return data
+
+    def _decode(self, ref: ChunkRef, frame: bytes) -> bytes | None:
+        dctx = getattr(self._local, "dctx", None)
+        if dctx is None:
+            dctx = self._local.dctx = zstandard.ZstdDecompressor()
+        try:
+            data: bytes = dctx.decompress(frame, max_output_size=ref.size)
+        except zstandard.ZstdError:
+            return None
+        if len(data) != ref.size or hashlib.sha256(data).digest() != ref.digest:
+            return None
+        return data

@@ -1,0 +1,76 @@
+"""Chunk cache: content addressing, LRU bound, torn and corrupt files, restart."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from chunkstore.cache import ChunkCache
+from chunkstore.digest import Digest
+
+
+def _chunk(i: int, size: int = 1000) -> tuple[Digest, bytes]:
+    data = bytes([i % 256]) * size
+    return Digest.of(data), data
+
+
+def test_put_get_and_miss(tmp_path: Path) -> None:
+    c = ChunkCache(tmp_path, 10**6)
+    d, data = _chunk(1)
+    assert c.get(d) is None
+    c.put(d, data)
+    assert c.get(d) == data
+    assert d in c
+    s = c.stats()
+    assert (s.chunks, s.bytes, s.hits, s.misses) == (1, 1000, 1, 1)
+
+
+def test_lru_eviction_keeps_recent(tmp_path: Path) -> None:
+    c = ChunkCache(tmp_path, 5000)
+    chunks = [_chunk(i) for i in range(5)]
+    for d, data in chunks:
+        c.put(d, data)
+    assert c.get(chunks[0][0]) == chunks[0][1]  # 0 becomes most recent
+    c.put(*_chunk(9))  # 6000 > 5000: evict down to 4500
+    assert c.stats().bytes <= 4500
+    assert chunks[0][0] in c
+    assert chunks[1][0] not in c and chunks[2][0] not in c
+    assert not (tmp_path / "chunks" / chunks[1][0].hex[:2] / chunks[1][0].hex).exists()
+
+
+@pytest.mark.allow_log_errors
+def test_corrupt_file_is_dropped_not_served(tmp_path: Path) -> None:
+    c = ChunkCache(tmp_path, 10**6)
+    d, data = _chunk(3)
+    c.put(d, data)
+    path = tmp_path / "chunks" / d.hex[:2] / d.hex
+    path.write_bytes(data[:500])  # torn write after a power cut
+    assert c.get(d) is None
+    assert not path.exists()
+    assert c.stats().corrupt == 1
+
+
+def test_survives_restart_with_recency(tmp_path: Path) -> None:
+    c = ChunkCache(tmp_path, 10**6)
+    old, new = _chunk(1), _chunk(2)
+    c.put(*old)
+    c.put(*new)
+    p = tmp_path / "chunks" / old[0].hex[:2] / old[0].hex
+    os.utime(p, (time.time() - 3600, time.time() - 3600))
+    (tmp_path / "tmp" / "leftover.partial").write_bytes(b"half")
+    c2 = ChunkCache(tmp_path, 2500)
+    assert c2.stats().chunks == 2
+    assert list((tmp_path / "tmp").iterdir()) == []
+    c2.put(*_chunk(3))
+    assert old[0] not in c2 and new[0] in c2
+
+
+def test_prune(tmp_path: Path) -> None:
+    c = ChunkCache(tmp_path, 10**6)
+    for i in range(4):
+        c.put(*_chunk(i))
+    assert c.prune(0) == 4
+    assert c.stats().bytes == 0

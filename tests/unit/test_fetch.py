@@ -1,0 +1,134 @@
+"""Fetcher: coalescing, single flight, verification and retry, errors."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from chunkstore.cache import ChunkCache
+from chunkstore.convert import convert_tar
+from chunkstore.digest import Digest
+from chunkstore.errors import ChunkUnavailable
+from chunkstore.fetch import ChunkRef, Fetcher
+from chunkstore.toc import load_toc, read_footer
+from tests.support import ocibuild as ob
+
+
+class Blob:
+    """A RangeSource over bytes that records requests and can corrupt them."""
+
+    def __init__(self, data: bytes, delay: float = 0.0):
+        self.data = data
+        self.requests: list[tuple[int, int]] = []
+        self.corrupt_times = 0
+        self.delay = delay
+        self.lock = threading.Lock()
+
+    def read_range(self, offset: int, length: int) -> bytes:
+        with self.lock:
+            self.requests.append((offset, length))
+        time.sleep(self.delay)
+        out = self.data[offset : offset + length]
+        if self.corrupt_times:
+            self.corrupt_times -= 1
+            out = bytes(len(out))
+        return out
+
+
+def _layer() -> tuple[Blob, list[ChunkRef], dict[bytes, bytes]]:
+    files = {f"f{i}": bytes([i]) * (1000 + i) for i in range(10)}
+    out = io.BytesIO()
+    convert_tar(io.BytesIO(ob.make_tar(files)), out)  # type: ignore[arg-type]
+    blob = out.getvalue()
+    toc = load_toc(lambda o, n: blob[o : o + n], read_footer(lambda o, n: blob[o : o + n],
+                                                             len(blob)))
+    refs = [ChunkRef(c.digest, c.blob_offset, c.compressed_size, c.size)
+            for e in toc.entries for c in e.chunks]
+    content = {e.chunks[0].digest: files[e.name.decode()] for e in toc.entries}
+    return Blob(blob), refs, content
+
+
+def test_adjacent_chunks_in_one_request(tmp_path: Path) -> None:
+    src, refs, content = _layer()
+    f = Fetcher(ChunkCache(tmp_path, 10**7))
+    got = f.get(src, refs)
+    assert got == [content[r.digest] for r in refs]
+    assert len(src.requests) == 1  # headers between files are smaller than the gap
+    assert f.get(src, refs) == got
+    assert len(src.requests) == 1  # second time from memory
+
+
+def test_far_apart_chunks_split(tmp_path: Path) -> None:
+    src, refs, _ = _layer()
+    f = Fetcher(ChunkCache(tmp_path, 10**7), max_gap=0)
+    f.get(src, [refs[0], refs[5]])
+    assert len(src.requests) == 2
+
+
+def test_disk_cache_used_by_new_fetcher(tmp_path: Path) -> None:
+    src, refs, content = _layer()
+    Fetcher(ChunkCache(tmp_path, 10**7)).get(src, refs)
+    src.requests.clear()
+    assert Fetcher(ChunkCache(tmp_path, 10**7)).get(src, refs[:3]) == [
+        content[r.digest] for r in refs[:3]]
+    assert src.requests == []
+
+
+@pytest.mark.allow_log_errors
+def test_corrupt_once_is_refetched(tmp_path: Path) -> None:
+    src, refs, content = _layer()
+    src.corrupt_times = 1
+    f = Fetcher(ChunkCache(tmp_path, 10**7))
+    assert f.get(src, refs[:1]) == [content[refs[0].digest]]
+    assert f.stats.verify_failures == 1
+
+
+@pytest.mark.allow_log_errors
+def test_corrupt_twice_fails_and_caches_nothing(tmp_path: Path) -> None:
+    src, refs, _ = _layer()
+    src.corrupt_times = 2
+    cache = ChunkCache(tmp_path, 10**7)
+    f = Fetcher(cache)
+    with pytest.raises(ChunkUnavailable, match="does not match its digest"):
+        f.get(src, refs[:1], "layer x")
+    assert Digest(refs[0].digest) not in cache
+    assert f.get(src, refs[:1])  # a later read can succeed
+
+
+def test_concurrent_readers_share_one_fetch(tmp_path: Path) -> None:
+    src, refs, content = _layer()
+    src.delay = 0.2
+    f = Fetcher(ChunkCache(tmp_path, 10**7))
+    results: list[list[bytes]] = []
+    threads = [threading.Thread(target=lambda: results.append(f.get(src, refs[:2])))
+               for _ in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(src.requests) == 1
+    assert all(r == [content[refs[0].digest], content[refs[1].digest]] for r in results)
+
+
+def test_source_error_becomes_unavailable_for_all_waiters(tmp_path: Path) -> None:
+    class Failing:
+        def read_range(self, offset: int, length: int) -> bytes:
+            raise OSError("connection reset")
+
+    _, refs, _ = _layer()
+    f = Fetcher(ChunkCache(tmp_path, 10**7))
+    with pytest.raises(ChunkUnavailable, match="connection reset"):
+        f.get(Failing(), refs[:1], "layer y")
+    assert f._inflight == {}
+
+
+def test_zstd_decoder_agrees() -> None:
+    src, refs, content = _layer()
+    r = refs[0]
+    frame = src.data[r.blob_offset : r.end]
+    assert zstandard.ZstdDecompressor().decompress(frame) == content[r.digest]
