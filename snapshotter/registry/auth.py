@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 DOCKER_HUB_CONFIG_KEY = "https://index.docker.io/v1/"
 _DOCKER_HUB_HOSTS = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
 DEFAULT_TOKEN_LIFETIME = 60.0  # seconds, when the token service does not say (distribution spec)
-_TOKEN_MARGIN = 5.0  # renew a token this long before it expires
+_TOKEN_MARGIN = 5.0  # renew a token this long before it expires (half that of a short one)
 
 
 @dataclass(frozen=True)
@@ -226,10 +226,10 @@ def parse_challenge(header: str) -> Challenge | None:
 @dataclass(frozen=True)
 class Token:
     value: str
-    expires_at: float  # on the clock passed to RegistryAuth (monotonic by default)
+    renew_at: float  # on RegistryAuth's clock (monotonic): a little before it expires
 
     def fresh(self, now: float) -> bool:
-        return now < self.expires_at - _TOKEN_MARGIN
+        return now < self.renew_at
 
 
 def parse_token_response(body: bytes, now: float) -> Token:
@@ -246,7 +246,8 @@ def parse_token_response(body: bytes, now: float) -> Token:
     lifetime = answer.get("expires_in")
     if not isinstance(lifetime, (int, float)) or lifetime <= 0:
         lifetime = DEFAULT_TOKEN_LIFETIME
-    return Token(value, now + float(lifetime))
+    lifetime = float(lifetime)
+    return Token(value, now + max(lifetime - _TOKEN_MARGIN, lifetime / 2))
 
 
 _V2_PATH_RE = re.compile(r"^/v2/(?P<repo>.+)/(?:manifests|blobs|tags)/")
@@ -321,8 +322,10 @@ class RegistryAuth(httpx.Auth):
         challenge = parse_challenge(response.headers.get("WWW-Authenticate", ""))
         if challenge is None or challenge.scheme not in ("basic", "bearer"):
             return
+        # Remembered for the next requests, minus what was about this one.
+        params = {k: v for k, v in challenge.params.items() if k not in ("scope", "error")}
         with self._lock:
-            self._challenge = challenge
+            self._challenge = Challenge(challenge.scheme, params)
         if challenge.scheme == "basic" and (
             self.credentials.anonymous or "Authorization" in request.headers
         ):

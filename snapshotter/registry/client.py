@@ -167,7 +167,7 @@ class RegistryClient:
                 f"{target}: the registry sent bytes with digest {actual}, not {claimed}; "
                 "the registry or a proxy in between is corrupting data"
             )
-        media_type = _manifest_media_type(response.headers.get("Content-Type", ""), data)
+        media_type = manifest_media_type(response.headers.get("Content-Type", ""), data)
         return Manifest(media_type, data, actual)
 
     def manifest_exists(self, repo: str, reference: str) -> bool:
@@ -526,7 +526,7 @@ def _error_detail(response: httpx.Response) -> str:
     return (": " + "; ".join(parts)) if parts else ""
 
 
-def _manifest_media_type(content_type: str, data: bytes) -> str:
+def manifest_media_type(content_type: str, data: bytes) -> str:
     """The Content-Type when it is a manifest type, else the JSON's mediaType, else a guess."""
     media_type = content_type.split(";", 1)[0].strip()
     if media_type in INDEX_TYPES or media_type in MANIFEST_TYPES:
