@@ -55,8 +55,18 @@ class LayerResult:
     distinct_chunks: int
 
 
+_BATCH_BYTES = 2 * 1024 * 1024  # frames are handed to the pool in batches: one task, many frames
+_BATCH_FRAMES = 512
+
+_Job = tuple[bytes, "toc_pb2.Chunk | None"]
+
+
 class _Frames:
-    """Compresses frames in a pool and writes them to `out` in submission order."""
+    """Compresses frames in a pool and writes them to `out` in submission order.
+
+    Frames go to the pool in batches, so that a layer of many small files does
+    not pay a task hand-off per file.
+    """
 
     def __init__(self, out: BinaryIO, level: int, threads: int):
         self._out = out
@@ -65,35 +75,44 @@ class _Frames:
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="zest-zstd")
         self._local = threading.local()
         self._level = level
-        self._pending: deque[tuple[Future[tuple[bytes, bytes]], toc_pb2.Chunk | None, int]] = (
-            deque()
-        )
+        self._batch: list[_Job] = []
+        self._batch_bytes = 0
+        self._pending: deque[tuple[Future[list[tuple[bytes, bytes]]], list[_Job], int]] = deque()
         self._in_flight = 0
 
-    def _compress(self, data: bytes, want_digest: bool) -> tuple[bytes, bytes]:
+    def _compress(self, jobs: list[_Job]) -> list[tuple[bytes, bytes]]:
         cctx = getattr(self._local, "cctx", None)
         if cctx is None:
             cctx = zstandard.ZstdCompressor(level=self._level, write_content_size=True)
             self._local.cctx = cctx
-        digest = hashlib.sha256(data).digest() if want_digest else b""
-        return digest, cctx.compress(data)
+        return [(hashlib.sha256(data).digest() if chunk is not None else b"",
+                 cctx.compress(data)) for data, chunk in jobs]
 
     def submit(self, data: bytes, chunk: toc_pb2.Chunk | None) -> None:
         """Queue a frame; `chunk` (if any) gets its blob offset, size and digest when written."""
-        fut = self._pool.submit(self._compress, data, chunk is not None)
-        self._pending.append((fut, chunk, len(data)))
-        self._in_flight += len(data)
+        self._batch.append((data, chunk))
+        self._batch_bytes += len(data)
+        if self._batch_bytes >= _BATCH_BYTES or len(self._batch) >= _BATCH_FRAMES:
+            self._flush_batch()
+
+    def _flush_batch(self) -> None:
+        if not self._batch:
+            return
+        jobs, n = self._batch, self._batch_bytes
+        self._batch, self._batch_bytes = [], 0
+        self._pending.append((self._pool.submit(self._compress, jobs), jobs, n))
+        self._in_flight += n
         while self._in_flight > _IN_FLIGHT_BYTES:
             self._write_one()
 
     def _write_one(self) -> None:
-        fut, chunk, n = self._pending.popleft()
-        digest, frame = fut.result()
-        if chunk is not None:
-            chunk.blob_offset = self.offset
-            chunk.compressed_size = len(frame)
-            chunk.digest = digest
-        self.write_raw(frame)
+        fut, jobs, n = self._pending.popleft()
+        for (digest, frame), (_, chunk) in zip(fut.result(), jobs, strict=True):
+            if chunk is not None:
+                chunk.blob_offset = self.offset
+                chunk.compressed_size = len(frame)
+                chunk.digest = digest
+            self.write_raw(frame)
         self._in_flight -= n
 
     def write_raw(self, data: bytes) -> None:
@@ -102,6 +121,7 @@ class _Frames:
         self.offset += len(data)
 
     def drain(self) -> None:
+        self._flush_batch()
         while self._pending:
             self._write_one()
 

@@ -76,8 +76,10 @@ def _checksum_ok(h: bytes) -> bool:
     stored = _num(h[148:156], "chksum")
     masked = h[:148] + b" " * 8 + h[156:]
     unsigned = sum(masked)
-    signed = sum(x - 256 if x > 127 else x for x in masked)
-    return stored in (unsigned, signed)
+    if stored == unsigned:
+        return True
+    # some old tars summed signed chars: each byte > 127 counts 256 less
+    return stored == unsigned - 256 * sum(1 for x in masked if x > 127)
 
 
 def clean_name(raw: bytes, what: str = "entry") -> bytes:

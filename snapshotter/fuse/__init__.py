@@ -1,0 +1,1 @@
+"""The FUSE process: serves every lazy layer read-only from its TOC, apart from the gRPC service."""
