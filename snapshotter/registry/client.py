@@ -441,7 +441,7 @@ class _BlobStream(io.RawIOBase):
         self._pos = 0
         self._resumes = 0
         self._response = open_at(0)
-        self._chunks = self._response.iter_raw(CHUNK_SIZE)
+        self._chunks = self._response.iter_raw()
         self._pending = memoryview(b"")
 
     def readable(self) -> bool:
@@ -475,7 +475,7 @@ class _BlobStream(io.RawIOBase):
         )
         time.sleep(self._policy.delay(self._resumes))
         self._response = self._open_at(self._pos)
-        self._chunks = self._response.iter_raw(CHUNK_SIZE)
+        self._chunks = self._response.iter_raw()
 
     def close(self) -> None:
         if not self.closed:

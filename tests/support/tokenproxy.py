@@ -18,7 +18,8 @@ registry with token auth (docker hub, Harbor, GHCR):
   `upstream`, streaming both ways and rewriting Location headers to itself.
 
 `require_token=False` makes it a plain forwarding proxy. Switches for tests:
-`fail_next(n, status)` (fault injection), `revoke_tokens()`,
+`fail_next(n, status)` (fault injection), `truncate_blob_gets=n` (the first n
+full blob downloads are cut off half-way, the connection dropped), `revoke_tokens()`,
 `expire_tokens_at_next(method)`, and `redirect_blobs_to="host:port"` (blob GETs
 answered 307 to another server, e.g. a second TokenProxy with
 require_token=False standing in for object storage). Every request is recorded
@@ -69,6 +70,7 @@ class TokenProxy:
         advertised_lifetime: float | None = None,
         require_token: bool = True,
         redirect_blobs_to: str | None = None,
+        truncate_blob_gets: int = 0,
         service: str = "zest-test",
     ) -> None:
         self.upstream = upstream
@@ -77,6 +79,7 @@ class TokenProxy:
         self.advertised_lifetime = advertised_lifetime or token_lifetime
         self.require_token = require_token
         self.redirect_blobs_to = redirect_blobs_to
+        self._truncate_left = truncate_blob_gets
         self.service = service
         self.requests: list[Seen] = []
         self.tokens_issued = 0
@@ -102,7 +105,9 @@ class TokenProxy:
     def start(self) -> None:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self._thread.start()
 
     def stop(self) -> None:
@@ -183,6 +188,13 @@ class TokenProxy:
                 self._tokens.clear()
             return self._fail.pop(0) if self._fail else None
 
+    def _take_truncation(self) -> bool:
+        with self._lock:
+            if self._truncate_left <= 0:
+                return False
+            self._truncate_left -= 1
+            return True
+
     def _record(self, seen: Seen) -> None:
         with self._lock:
             self.requests.append(seen)
@@ -207,25 +219,30 @@ def _handler_for(proxy: TokenProxy) -> type[BaseHTTPRequestHandler]:
         def _handle(self) -> None:
             path = urlsplit(self.path).path
             if path == "/token":
-                status = self._token()
+                self._token()
             elif path.startswith("/v2/"):
-                status = self._registry(path)
+                self._registry(path)
             else:
-                status = self._reply(404, b"not found\n")
+                self._reply(404, b"not found\n")
+
+        def send_response(self, code: int, message: str | None = None) -> None:
+            # Recorded before the body goes out, so a client that has its answer finds it.
             proxy._record(
                 Seen(
                     self.command,
                     self.path,
                     self.headers.get("Authorization"),
                     self.headers.get("Range"),
-                    status,
+                    code,
                 )
             )
+            super().send_response(code, message)
 
-        def _token(self) -> int:
+        def _token(self) -> None:
             self._drain()
-            if not self._check_basic():
-                return self._reply(401, b'{"details":"bad credentials"}\n')
+            if not proxy._check_users(self.headers.get("Authorization")):
+                self._reply(401, b'{"details":"bad credentials"}\n')
+                return
             query = parse_qs(urlsplit(self.path).query)
             scopes = [s for value in query.get("scope", []) for s in value.split(" ") if s]
             token = proxy._issue(scopes)
@@ -237,17 +254,15 @@ def _handler_for(proxy: TokenProxy) -> type[BaseHTTPRequestHandler]:
                     "issued_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 }
             ).encode()
-            return self._reply(200, body, {"Content-Type": "application/json"})
+            self._reply(200, body, {"Content-Type": "application/json"})
 
-        def _check_basic(self) -> bool:
-            return proxy._check_users(self.headers.get("Authorization"))
-
-        def _registry(self, path: str) -> int:
+        def _registry(self, path: str) -> None:
             fault = proxy._take_fault(self.command)
             if fault is not None:
                 self._drain()
                 body = b'{"errors":[{"code":"UNKNOWN","message":"injected fault"}]}\n'
-                return self._reply(fault, body, {"Content-Type": "application/json"})
+                self._reply(fault, body, {"Content-Type": "application/json"})
+                return
             if proxy.require_token:
                 m = _V2_RE.match(path)
                 needed = None
@@ -261,16 +276,18 @@ def _handler_for(proxy: TokenProxy) -> type[BaseHTTPRequestHandler]:
                         challenge += f',scope="{needed}"'
                     body = b'{"errors":[{"code":"UNAUTHORIZED","message":"token required"}]}\n'
                     headers = {"WWW-Authenticate": challenge, "Content-Type": "application/json"}
-                    return self._reply(401, body, headers)
+                    self._reply(401, body, headers)
+                    return
             if proxy.redirect_blobs_to and self.command == "GET" and _BLOB_GET_RE.match(path):
                 self._drain()
                 location = f"http://{proxy.redirect_blobs_to}{self.path}"
-                return self._reply(307, b"", {"Location": location})
-            return self._forward()
+                self._reply(307, b"", {"Location": location})
+                return
+            self._forward()
 
         # -- plumbing
 
-        def _forward(self) -> int:
+        def _forward(self) -> None:
             conn = http.client.HTTPConnection(proxy.upstream, timeout=60)
             try:
                 conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
@@ -300,12 +317,22 @@ def _handler_for(proxy: TokenProxy) -> type[BaseHTTPRequestHandler]:
                     self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 if self.command == "HEAD":
-                    return response.status
+                    return
                 if data:
                     self.wfile.write(data)
+                cut = -1
+                blob_get = _BLOB_GET_RE.match(urlsplit(self.path).path)
+                if response.status == 200 and blob_get and body_length:
+                    cut = int(body_length) // 2 if proxy._take_truncation() else -1
+                sent = 0
                 while chunk := response.read(_COPY_CHUNK):
+                    if 0 <= cut < sent + len(chunk):
+                        self.wfile.write(chunk[: cut - sent])
+                        self.wfile.flush()
+                        self.close_connection = True  # the client sees a short body
+                        return
                     self.wfile.write(chunk)
-                return response.status
+                    sent += len(chunk)
             finally:
                 conn.close()
 
@@ -317,7 +344,7 @@ def _handler_for(proxy: TokenProxy) -> type[BaseHTTPRequestHandler]:
                     break
                 length -= len(chunk)
 
-        def _reply(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> int:
+        def _reply(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
             self.send_response(status)
             for key, value in (headers or {}).items():
                 self.send_header(key, value)
@@ -325,6 +352,5 @@ def _handler_for(proxy: TokenProxy) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(body)
-            return status
 
     return Handler
