@@ -141,7 +141,7 @@ class _LayoutReader:
             )
         media_type = desc.get("mediaType") if desc else None
         if not isinstance(media_type, str) or not media_type:
-            media_type = manifest_media_type("", data)
+            media_type = manifest_media_type("", data, f"manifest {digest} in {self.name}")
         return Manifest(media_type, data, digest)
 
     def open_blob(self, digest: str) -> BinaryIO:

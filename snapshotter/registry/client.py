@@ -154,12 +154,10 @@ class RegistryClient:
         by_digest = reference.startswith("sha256:")
         if by_digest:
             Digest.parse(reference)
-        response = self._send(
-            target, "GET", f"/v2/{repo}/manifests/{reference}", headers={"Accept": MANIFEST_ACCEPT}
-        )
+        url = f"/v2/{repo}/manifests/{reference}"
+        headers = {"Accept": MANIFEST_ACCEPT}
+        response = self._send(target, "GET", url, headers=headers, limit=MAX_MANIFEST_SIZE)
         data = response.content
-        if len(data) > MAX_MANIFEST_SIZE:
-            raise RegistryError(f"{target} is {len(data)} bytes, more than a manifest may be")
         actual = str(Digest.of(data))
         claimed = reference if by_digest else response.headers.get("Docker-Content-Digest", "")
         if claimed.startswith("sha256:") and claimed != actual:
@@ -167,8 +165,8 @@ class RegistryClient:
                 f"{target}: the registry sent bytes with digest {actual}, not {claimed}; "
                 "the registry or a proxy in between is corrupting data"
             )
-        media_type = manifest_media_type(response.headers.get("Content-Type", ""), data)
-        return Manifest(media_type, data, actual)
+        content_type = response.headers.get("Content-Type", "")
+        return Manifest(manifest_media_type(content_type, data, str(target)), data, actual)
 
     def manifest_exists(self, repo: str, reference: str) -> bool:
         """Whether a tag or digest resolves (HEAD, nothing downloaded)."""
@@ -349,15 +347,19 @@ class RegistryClient:
         content: bytes | None = None,
         ok: tuple[int, ...] = (200,),
         stream: bool = False,
+        limit: int | None = None,
     ) -> httpx.Response:
-        """A request with retries and status checks; the body is read unless `stream`."""
+        """A request with retries and status checks; the body is read unless `stream`.
+
+        `limit` refuses a body larger than that many bytes before it is read.
+        """
 
         def once() -> httpx.Response:
             response = self._attempt(method, url, headers=headers, content=content)
             try:
                 self._check(response, target, ok)
                 if not stream:
-                    response.read()
+                    _read_limited(response, limit, target)
             except BaseException:
                 response.close()
                 raise
@@ -526,7 +528,17 @@ def _error_detail(response: httpx.Response) -> str:
     return (": " + "; ".join(parts)) if parts else ""
 
 
-def manifest_media_type(content_type: str, data: bytes) -> str:
+def _read_limited(response: httpx.Response, limit: int | None, target: _Target) -> None:
+    """Read the body; one announced (or found) longer than `limit` bytes is refused."""
+    length = response.headers.get("Content-Length", "")
+    if limit is not None and length.isdigit() and int(length) > limit:
+        raise RegistryError(f"{target} is {length} bytes, larger than a manifest may be ({limit})")
+    response.read()
+    if limit is not None and len(response.content) > limit:
+        raise RegistryError(f"{target} is larger than a manifest may be ({limit} bytes)")
+
+
+def manifest_media_type(content_type: str, data: bytes, what: str) -> str:
     """The Content-Type when it is a manifest type, else the JSON's mediaType, else a guess."""
     media_type = content_type.split(";", 1)[0].strip()
     if media_type in INDEX_TYPES or media_type in MANIFEST_TYPES:
@@ -534,7 +546,7 @@ def manifest_media_type(content_type: str, data: bytes) -> str:
     try:
         doc = json.loads(data)
     except ValueError as exc:
-        raise RegistryError(f"manifest is not JSON (Content-Type {content_type!r})") from exc
+        raise RegistryError(f"{what} is not JSON (Content-Type {content_type!r})") from exc
     declared = doc.get("mediaType") if isinstance(doc, dict) else None
     if isinstance(declared, str) and declared:
         return declared

@@ -1,6 +1,8 @@
 """The registry client and the image stores against a real docker-registry on loopback.
 
-Fronts from tests/support/tokenproxy.py add what the plain registry lacks:
+`registry` is the session fixture of tests/conftest.py (anonymous); tests that
+need basic auth start their own LocalRegistry. Fronts from
+tests/support/tokenproxy.py add what the plain registry lacks:
 bearer tokens that expire, injected 5xx faults and redirects to another host.
 """
 
@@ -74,12 +76,6 @@ def _empty_docker_config(
     directory = tmp_path_factory.mktemp("docker-config")
     monkeypatch.setenv("DOCKER_CONFIG", str(directory))
     return directory
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRegistry]:
-    with LocalRegistry(tmp_path_factory.mktemp("registry")) as reg:
-        yield reg
 
 
 @pytest.fixture
