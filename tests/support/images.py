@@ -1,10 +1,10 @@
 """Realistic test images as OCI layouts (gzip layers), built once and cached across runs.
 
-Each image has a recipe with a version string; the cache holds `<name>-<version>/`, an OCI image
-layout whose tag `latest` is the image. Change a recipe, bump its version, and the next run builds
-anew (older versions of the same image are then deleted). Builds run under an exclusive flock per
-image, in a temp dir inside the cache, renamed into place when complete: concurrent test runs wait
-for one another and never see half an image.
+Each image has a recipe with a version string; the cache holds `images/<name>/v<version>/`, an
+OCI image layout whose tag `latest` is the image. Change a recipe, bump its version, and the next
+run builds anew (older versions of the same image are then deleted). Builds run under an exclusive
+flock per image, in a temp dir inside the cache, renamed into place when complete: concurrent test
+runs wait for one another and never see half an image.
 
     image_layout("busybox")                     -> Path of the OCI layout (builds if not cached)
     push_image("busybox", registry.host, "library/busybox", "1")   -> "HOST/library/busybox:1"
@@ -265,16 +265,15 @@ def _locked(path: Path) -> Iterator[None]:
 def image_layout(name: str) -> Path:
     """The OCI layout of test image `name` (tag `latest`), built first if not cached."""
     recipe = _recipe(name)
-    root = cache_dir() / "images"
-    final = root / f"{name}-{recipe.version}"
+    final = _cached_path(recipe)
     if (final / "index.json").is_file():
         return final
-    root.mkdir(parents=True, exist_ok=True)
-    with _locked(root / f"{name}.lock"):
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(final.parent / ".lock"):
         if (final / "index.json").is_file():  # another run built it while we waited
             return final
-        _remove_leftovers(root, name, keep=final)
-        work = Path(tempfile.mkdtemp(prefix=f".build-{name}-", dir=root))
+        _remove_leftovers(final)
+        work = Path(tempfile.mkdtemp(prefix=".build-", dir=final.parent))
         try:
             started = time.monotonic()
             _build(recipe, work / "layout", work)
@@ -285,12 +284,14 @@ def image_layout(name: str) -> Path:
     return final
 
 
-def _remove_leftovers(root: Path, name: str, keep: Path) -> None:
-    """Older versions of `name` and builds a crashed run left (we hold the lock: none is live)."""
-    for path in root.iterdir():
-        stale_build = path.name.startswith(f".build-{name}-")
-        old_version = path.name.startswith(f"{name}-") and path != keep
-        if path.is_dir() and (stale_build or old_version):
+def _cached_path(recipe: Recipe) -> Path:
+    return cache_dir() / "images" / recipe.name / f"v{recipe.version}"
+
+
+def _remove_leftovers(keep: Path) -> None:
+    """Older versions and builds a crashed run left (we hold the lock: no build is live)."""
+    for path in keep.parent.iterdir():
+        if path.is_dir() and path != keep:
             remove_tree(path)
 
 
@@ -376,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if args.cmd == "list":
         for r in RECIPES.values():
-            path = cache_dir() / "images" / f"{r.name}-{r.version}"
+            path = _cached_path(r)
             state = "cached" if (path / "index.json").is_file() else "not built"
             print(f"{r.name}\tv{r.version}\t{state}\t{path}")
         return 0
