@@ -9,9 +9,11 @@ repository and the object.
 
 OCI layout writes are atomic (temp file in the same directory, fsync, rename;
 index.json last). An archive being written is a layout in a temporary directory
-next to the target, turned into the tar on `close()`; an archive left unclosed
-(or closed after an exception inside `with`) leaves the target untouched. An
-existing archive is replaced, not extended, as skopeo does.
+next to the target, turned into the tar on `close()`. A tag is the commit
+point, as in a registry: `close()` writes the tar only if a manifest was stored
+under a tag (the converter tags last), so a conversion that failed half-way, an
+archive never closed, or one closed after an exception inside `with` leaves the
+target untouched. An existing archive is replaced, not extended, as skopeo does.
 
 Concurrency: blobs may be read and written from several threads; index.json
 updates are serialised by a lock inside each store (not across processes).
@@ -22,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import tarfile
 import tempfile
@@ -37,6 +40,8 @@ from snapshotter.image.store import OCI_INDEX, ImageStore, Manifest
 from snapshotter.registry.client import MAX_MANIFEST_SIZE, RegistryClient, manifest_media_type
 from snapshotter.registry.digests import CHUNK_SIZE, verified_chunks
 from snapshotter.registry.errors import DigestMismatchError, NotFoundError, RegistryError
+
+log = logging.getLogger(__name__)
 
 LAYOUT_FILE = "oci-layout"
 INDEX_FILE = "index.json"
@@ -327,22 +332,36 @@ class _TarLayout(_LayoutReader):
 
 
 class _FileSlice(io.RawIOBase):
-    """Bytes [offset, offset+size) of a file, through a descriptor of its own."""
+    """Bytes [offset, offset+size) of a file, seekable, through a descriptor of its own."""
 
     def __init__(self, path: Path, offset: int, size: int) -> None:
         super().__init__()
         self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        self._pos = offset
-        self._end = offset + size
+        self._start = offset
+        self._size = size
+        self._pos = 0  # within the slice
 
     def readable(self) -> bool:
         return True
 
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        if base + offset < 0:
+            raise OSError(f"negative seek position {base + offset}")
+        self._pos = base + offset
+        return self._pos
+
     def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
-        n = min(len(buffer), self._end - self._pos)
+        n = min(len(buffer), self._size - self._pos)
         if n <= 0:
             return 0
-        data = os.pread(self._fd, n, self._pos)
+        data = os.pread(self._fd, n, self._start + self._pos)
         buffer[: len(data)] = data
         self._pos += len(data)
         return len(data)
@@ -360,6 +379,7 @@ class OciArchiveStore:
         self.path = Path(path)
         self.name = f"OCI archive {self.path}"
         self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
+        self._tagged = False  # the commit point: see the module docstring
         self._layout: _LayoutReader
         if for_writing:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -405,10 +425,15 @@ class OciArchiveStore:
 
     def put_manifest(self, manifest: Manifest, tag: str | None) -> None:
         self._writer().put_manifest(manifest, tag)
+        self._tagged = self._tagged or tag is not None
 
     def close(self) -> None:
-        """Write the archive (atomically replacing the target) when opened for writing."""
+        """Write the archive (atomically replacing the target) if something was tagged."""
         if self._tmpdir is None:
+            return
+        if not self._tagged:
+            log.info("nothing tagged, archive not written", extra={"kv": {"path": self.path}})
+            self.abort()
             return
         try:
             with _atomic_file(self.path) as out, tarfile.open(fileobj=out, mode="w") as tar:

@@ -462,6 +462,13 @@ def test_oci_archive_round_trip(tmp_path: Path) -> None:
     assert ref == manifest.digest
     assert reader.get_manifest("v1") == manifest
     _check_copy(reader, "v1")
+    layer = json.loads(manifest.data)["layers"][0]
+    with reader.open_blob(layer["digest"]) as f:  # seekable, as a layout's files are
+        whole = f.read()
+        f.seek(-10, io.SEEK_END)
+        assert f.read() == whole[-10:]
+        f.seek(5)
+        assert f.read(3) == whole[5:8] and f.tell() == 8
     with pytest.raises(RegistryError, match="opened for reading"):
         reader.put_manifest(manifest, "v2")
     reader.close()
@@ -480,6 +487,16 @@ def test_unfinished_archive_leaves_the_target_untouched(tmp_path: Path) -> None:
     with pytest.raises(DigestMismatchError):
         store.put_blob(io.BytesIO(b"abc"), _digest(b"abd"), 3)
     store.abort()
+    assert target.read_bytes() == b"previous contents"
+
+    # A caller that closes in `finally` after a failure: blobs and untagged
+    # manifests were stored, the tagged one never was, so nothing is written.
+    store = OciArchiveStore(target, for_writing=True)
+    layer = b"more"
+    store.put_blob(io.BytesIO(layer), _digest(layer), len(layer))
+    _, untagged = _image(layer)
+    store.put_manifest(untagged, None)
+    store.close()
     assert target.read_bytes() == b"previous contents"
 
 
