@@ -304,7 +304,6 @@ class RegistryAuth(httpx.Auth):
         self._fetch_lock = threading.Lock()
         self._challenge: Challenge | None = None
         self._tokens: dict[tuple[str, bool] | None, Token] = {}
-        self.tokens_fetched = 0  # for tests and metrics
 
     # -- the flow httpx drives
 
@@ -416,7 +415,6 @@ class RegistryAuth(httpx.Auth):
             token = parse_token_response(response.content, now)
         except ValueError as exc:
             raise AuthError(f"token service {realm} for registry {self.host}: {exc}") from exc
-        self.tokens_fetched += 1
         log.debug("token fetched", extra={"kv": {"host": self.host, "scope": " ".join(scopes)}})
         return token
 

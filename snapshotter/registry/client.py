@@ -286,7 +286,7 @@ class RegistryClient:
             self._upload_once(repo, fileobj, digest, size, target, retryable=start is not None)
 
         if start is None:
-            self._translate(target, once)
+            self._translate(target, once, attempts=1)
         else:
             self._with_retry(target, once)
 
@@ -315,7 +315,7 @@ class RegistryClient:
         """Best effort: tell the registry to drop a failed upload session."""
         try:
             self._http.request("DELETE", location, auth=self.auth).close()
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, RegistryError) as exc:
             log.debug("cancelling upload failed", extra={"kv": {"url": location, "error": exc}})
 
     # ------------------------------------------------------------ plumbing
@@ -372,12 +372,14 @@ class RegistryClient:
     def _with_retry(self, target: _Target, fn: Callable[[], T]) -> T:
         policy = self.retry_policy
         return self._translate(
-            target, lambda: retry(fn, policy=policy, is_temporary=_is_temporary, what=str(target))
+            target,
+            lambda: retry(fn, policy=policy, is_temporary=_is_temporary, what=str(target)),
+            attempts=policy.attempts,
         )
 
-    def _translate(self, target: _Target, fn: Callable[[], T]) -> T:
+    def _translate(self, target: _Target, fn: Callable[[], T], attempts: int) -> T:
         """Run fn; temporary errors that escaped the retries become RegistryUnavailableError."""
-        tries = f"after {self.retry_policy.attempts} tries"
+        tries = f"after {attempts} tries" if attempts > 1 else "at the first try"
         try:
             return fn()
         except _TemporaryError as exc:
