@@ -146,8 +146,8 @@ def open_tar_stream(blob: VerifyingReader, what: str) -> tuple[BinaryIO, str]:
         inner = gzip.GzipFile(fileobj=buffered, mode="rb")  # type: ignore[assignment]
     elif head[:4] == ZSTD_MAGIC:
         kind = "zstd"
-        inner = io.BufferedReader(_ZstdStrict(buffered), buffer_size=1024 * 1024)  # type: ignore[assignment]
+        inner = io.BufferedReader(_ZstdStrict(buffered), buffer_size=1024 * 1024)
     else:
         kind = "tar"
-        inner = buffered  # type: ignore[assignment]
-    return io.BufferedReader(_Translating(inner, kind, what), buffer_size=1024 * 1024), kind  # type: ignore[return-value]
+        inner = buffered
+    return io.BufferedReader(_Translating(inner, kind, what), buffer_size=1024 * 1024), kind
