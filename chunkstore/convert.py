@@ -85,8 +85,14 @@ class _Frames:
         if cctx is None:
             cctx = zstandard.ZstdCompressor(level=self._level, write_content_size=True)
             self._local.cctx = cctx
-        return [(hashlib.sha256(data).digest() if chunk is not None else b"",
-                 cctx.compress(data)) for data, chunk in jobs]
+        if hasattr(cctx, "multi_compress_to_buffer"):
+            # one C call per batch: the GIL is released once, not once per small frame
+            out = cctx.multi_compress_to_buffer([data for data, _ in jobs], threads=1)
+            frames = [out[i].tobytes() for i in range(len(jobs))]
+        else:  # the cffi backend has no batch call
+            frames = [cctx.compress(data) for data, _ in jobs]
+        return [(hashlib.sha256(data).digest() if chunk is not None else b"", frame)
+                for (data, chunk), frame in zip(jobs, frames, strict=True)]
 
     def submit(self, data: bytes, chunk: toc_pb2.Chunk | None) -> None:
         """Queue a frame; `chunk` (if any) gets its blob offset, size and digest when written."""
