@@ -76,13 +76,16 @@ class Snapshot:
 
 
 def create_schema(conn: sqlite3.Connection) -> None:
-    """The whole schema, version SCHEMA_VERSION. Upgrades key on `PRAGMA user_version`."""
-    conn.executescript(
+    """The whole schema, version SCHEMA_VERSION. Upgrades key on `PRAGMA user_version`.
+
+    Runs inside the caller's transaction (so no executescript, which would commit it).
+    """
+    # One row per snapshot, whatever its kind.
+    conn.execute(
         """
-        -- One row per snapshot, whatever its kind.
         CREATE TABLE snapshots (
-            -- AUTOINCREMENT: an id is never handed out twice, so a directory left behind by a
-            -- crash can never be mistaken for a newer snapshot's.
+            -- AUTOINCREMENT: an id is never handed out twice once committed, so a snapshot
+            -- directory is never shared by two records.
             id INTEGER PRIMARY KEY AUTOINCREMENT,
             -- containerd's key (active, view) or name (committed); one namespace for all kinds.
             name TEXT NOT NULL UNIQUE,
@@ -99,16 +102,19 @@ def create_schema(conn: sqlite3.Connection) -> None:
             inodes INTEGER NOT NULL DEFAULT 0,
             -- Layer state: 1 when fs/ is a mount served by the LayerMounter (lazy layer).
             remote INTEGER NOT NULL DEFAULT 0 CHECK (remote IN (0, 1))
-        );
-        CREATE INDEX snapshots_parent ON snapshots(parent_id);
-
-        -- Labels; an empty value is never stored (containerd drops it: "unset").
+        )
+        """
+    )
+    conn.execute("CREATE INDEX snapshots_parent ON snapshots(parent_id)")
+    # Labels; an empty value is never stored (containerd treats it as "unset").
+    conn.execute(
+        """
         CREATE TABLE labels (
             snapshot_id INTEGER NOT NULL REFERENCES snapshots(id) ON DELETE CASCADE,
             key TEXT NOT NULL,
             value TEXT NOT NULL CHECK (value != ''),
             PRIMARY KEY (snapshot_id, key)
-        ) WITHOUT ROWID;
+        ) WITHOUT ROWID
         """
     )
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -124,11 +130,12 @@ def _migrate(conn: sqlite3.Connection) -> None:
         )
     conn.execute("BEGIN IMMEDIATE")
     try:
-        if version == 0:
+        if conn.execute("PRAGMA user_version").fetchone()[0] == 0:  # not done meanwhile
             create_schema(conn)
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         raise
 
 
