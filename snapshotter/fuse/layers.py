@@ -1,0 +1,92 @@
+"""The lazy layers one FUSE process serves, and their blob sources.
+
+Inode numbers across the whole mount: the mount root is 1; layer `slot` s
+(s >= 1, chosen by the daemon and stable across restarts) owns the range
+`s << 32 | local`, where `local` comes from its LayerTree. So an inode number
+alone says which layer it belongs to, with no table to keep in sync.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from chunkstore.fetch import RangeSource
+from snapshotter.fuse.tree import LayerTree
+
+SLOT_SHIFT = 32
+LOCAL_MASK = (1 << SLOT_SHIFT) - 1
+MOUNT_ROOT = 1
+
+
+def split_ino(ino: int) -> tuple[int, int]:
+    return ino >> SLOT_SHIFT, ino & LOCAL_MASK
+
+
+def join_ino(slot: int, local: int) -> int:
+    return slot << SLOT_SHIFT | local
+
+
+class FileSource:
+    """A blob in a local file (tests, and layers whose blob is already on disk)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def read_range(self, offset: int, length: int) -> bytes:
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+
+
+@dataclass
+class Layer:
+    name: str  # directory name under the mount root
+    slot: int
+    tree: LayerTree
+    source: RangeSource
+    what: str  # for logs and errors: image reference and layer digest
+    prefetch_done: int = 0
+    prefetch_total: int = 0
+    on_remove: list[Callable[[], None]] = field(default_factory=list)
+
+
+class LayerSet:
+    """Thread-safe name/slot -> Layer table."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_slot: dict[int, Layer] = {}
+        self._by_name: dict[str, int] = {}
+
+    def add(self, layer: Layer) -> None:
+        with self._lock:
+            if layer.name in self._by_name and self._by_name[layer.name] != layer.slot:
+                raise ValueError(f"layer name {layer.name!r} is already served at another slot")
+            if layer.slot in self._by_slot and self._by_slot[layer.slot].name != layer.name:
+                raise ValueError(f"slot {layer.slot} is already used by another layer")
+            self._by_slot[layer.slot] = layer
+            self._by_name[layer.name] = layer.slot
+
+    def remove(self, name: str) -> Layer | None:
+        with self._lock:
+            slot = self._by_name.pop(name, None)
+            return self._by_slot.pop(slot, None) if slot is not None else None
+
+    def by_slot(self, slot: int) -> Layer | None:
+        return self._by_slot.get(slot)
+
+    def by_name(self, name: str) -> Layer | None:
+        with self._lock:
+            slot = self._by_name.get(name)
+            return self._by_slot.get(slot) if slot is not None else None
+
+    def names(self) -> list[tuple[str, int]]:
+        with self._lock:
+            return sorted(self._by_name.items(), key=lambda kv: kv[1])
+
+    def all(self) -> list[Layer]:
+        with self._lock:
+            return list(self._by_slot.values())

@@ -1,0 +1,230 @@
+"""The FUSE process: one mount serving every lazy layer, and a control socket.
+
+    python -m snapshotter.fuse.server --mountpoint DIR --control SOCK --cache-dir DIR ...
+
+It runs apart from the gRPC service (which starts it in its own session) so
+that restarting the service never touches a mounted layer. One trio loop runs
+pyfuse3's request loop and the control server; blocking work (TOC parsing,
+fetching) runs in worker threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import trio
+
+from chunkstore import format as fmt
+from chunkstore.cache import ChunkCache
+from chunkstore.digest import Digest
+from chunkstore.fetch import Fetcher, RangeSource
+from snapshotter.fuse import protocol
+from snapshotter.fuse.layers import FileSource, Layer, LayerSet
+from snapshotter.fuse.ops import Operations
+from snapshotter.fuse.prefetch import Prefetcher
+from snapshotter.fuse.reader import Reader
+from snapshotter.fuse.tree import LayerTree
+from snapshotter.registry.client import RegistryClient
+
+log = logging.getLogger("snapshotter.fuse.server")
+
+
+class _RegistryBlob:
+    """RangeSource over one registry blob."""
+
+    def __init__(self, client: RegistryClient, repo: str, digest: str):
+        self.client, self.repo, self.digest = client, repo, digest
+
+    def read_range(self, offset: int, length: int) -> bytes:
+        return self.client.read_range(self.repo, self.digest, offset, length)
+
+
+class Server:
+    def __init__(self, mountpoint: Path, cache: ChunkCache, *, background_prefetch: bool,
+                 prefetch_parallel: int, hosts_dir: str | None = None):
+        self.mountpoint = mountpoint
+        self.cache = cache
+        self.fetcher = Fetcher(cache)
+        self.layers = LayerSet()
+        self.reader = Reader(self.fetcher)
+        self.prefetcher = Prefetcher(self.fetcher, parallel=prefetch_parallel,
+                                     background=background_prefetch)
+        self.ops = Operations(self.layers, self.reader)
+        self.hosts_dir = hosts_dir
+        self._clients: dict[tuple[str, bool], RegistryClient] = {}
+        self._clients_lock = threading.Lock()
+
+    # -- sources ---------------------------------------------------------------
+    def _source(self, spec: dict[str, Any]) -> RangeSource:
+        if spec.get("kind") == "file":
+            return FileSource(spec["path"])
+        if spec.get("kind") != "registry":
+            raise ValueError(f"unknown blob source {spec.get('kind')!r}")
+        key = (spec["host"], bool(spec.get("plain_http")))
+        with self._clients_lock:
+            client = self._clients.get(key)
+            if client is None:
+                client = self._clients[key] = RegistryClient(key[0], plain_http=key[1])
+        return _RegistryBlob(client, spec["repo"], spec["digest"])
+
+    # -- control ops -----------------------------------------------------------
+    def op_add(self, req: dict[str, Any]) -> dict[str, Any]:
+        name = str(req["name"])
+        existing = self.layers.by_name(name)
+        if existing is not None:
+            return {"slot": existing.slot}
+        payload = Path(req["toc_path"]).read_bytes()
+        toc = fmt.decode_toc(payload, Digest.parse(req["toc_digest"]))
+        tree = LayerTree(toc)
+        layer = Layer(name=name, slot=int(req["slot"]), tree=tree,
+                      source=self._source(req["source"]), what=str(req.get("what", name)))
+        self.layers.add(layer)
+        log.info("layer added", extra={"kv": {"name": name, "layer": layer.what,
+                                              "entries": len(toc.entries)}})
+        if req.get("prefetch", True):
+            self.prefetcher.start(layer)
+        return {"slot": layer.slot}
+
+    def op_remove(self, req: dict[str, Any]) -> dict[str, Any]:
+        name = str(req["name"])
+        self.prefetcher.stop(name)
+        layer = self.layers.remove(name)
+        if layer is not None:
+            log.info("layer removed", extra={"kv": {"name": name, "layer": layer.what}})
+        return {"removed": layer is not None}
+
+    def op_list(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {"layers": [
+            {"name": layer.name, "slot": layer.slot, "what": layer.what,
+             "prefetch_done": layer.prefetch_done, "prefetch_total": layer.prefetch_total}
+            for layer in self.layers.all()]}
+
+    def op_stats(self, req: dict[str, Any]) -> dict[str, Any]:
+        f, c = self.fetcher.stats, self.cache.stats()
+        return {"fetch": vars(f).copy(), "cache": vars(c).copy() if hasattr(c, "__dict__")
+                else c.__dict__, "pid": os.getpid()}
+
+    def op_prune(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {"removed": self.cache.prune(int(req.get("target_bytes", 0)))}
+
+    def op_metrics(self, req: dict[str, Any]) -> dict[str, Any]:
+        from snapshotter.fuse.metricsfmt import render
+
+        return {"text": render(self)}
+
+    def op_ping(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {"pid": os.getpid(), "mountpoint": str(self.mountpoint)}
+
+    def handle(self, req: dict[str, Any]) -> dict[str, Any]:
+        op = getattr(self, "op_" + str(req.get("op")), None)
+        if op is None:
+            return {"ok": False, "error": f"unknown op {req.get('op')!r}"}
+        try:
+            return {"ok": True, **op(req)}
+        except Exception as exc:
+            log.warning("control request failed", extra={"kv": {"op": req.get("op"),
+                                                                "error": exc}})
+            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+
+
+async def _serve_control(server: Server, path: str) -> None:
+    if os.path.exists(path):
+        os.unlink(path)
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await sock.bind(path)
+    os.chmod(path, 0o600)
+    sock.listen(16)
+    listener = trio.SocketListener(sock)
+
+    async def client(stream: trio.SocketStream) -> None:
+        buf = b""
+        async with stream:
+            while True:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                buf += data
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    try:
+                        req = protocol.decode(line)
+                    except ValueError as exc:
+                        await stream.send_all(protocol.encode({"ok": False, "error": str(exc)}))
+                        continue
+                    reply = await trio.to_thread.run_sync(server.handle, req)
+                    await stream.send_all(protocol.encode(reply))
+
+    await trio.serve_listeners(client, [listener])
+
+
+def _unmount_stale(mountpoint: Path) -> None:
+    """A mount left by a dead FUSE process answers ENOTCONN; clear it before mounting anew."""
+    try:
+        os.stat(mountpoint)
+        return
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            raise
+    subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+async def _main(server: Server, control: str, ready_fd: int | None) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pyfuse3.main)
+        nursery.start_soon(_serve_control, server, control)
+        if ready_fd is not None:
+            os.write(ready_fd, b"ready\n")
+            os.close(ready_fd)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                log.info("FUSE process stopping")
+                pyfuse3.terminate()
+                nursery.cancel_scope.cancel()
+                break
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="zest-fuse", description=__doc__.splitlines()[0])
+    ap.add_argument("--mountpoint", required=True)
+    ap.add_argument("--control", required=True)
+    ap.add_argument("--cache-dir", required=True)
+    ap.add_argument("--cache-size", type=int, default=10 * 1024**3)
+    ap.add_argument("--no-background-prefetch", action="store_true")
+    ap.add_argument("--prefetch-parallel", type=int, default=4)
+    ap.add_argument("--ready-fd", type=int)
+    ap.add_argument("--log-level", default="info")
+    args = ap.parse_args(argv)
+    from snapshotter.logs import setup_logging
+
+    setup_logging(args.log_level)
+    mountpoint = Path(args.mountpoint)
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    _unmount_stale(mountpoint)
+    server = Server(mountpoint, ChunkCache(args.cache_dir, args.cache_size),
+                    background_prefetch=not args.no_background_prefetch,
+                    prefetch_parallel=args.prefetch_parallel)
+    options = {"fsname=zest", "subtype=zest", "ro", "allow_other", "default_permissions"}
+    pyfuse3.init(server.ops, str(mountpoint), options)
+    log.info("FUSE process serving", extra={"kv": {"mountpoint": mountpoint, "pid": os.getpid()}})
+    try:
+        trio.run(_main, server, args.control, args.ready_fd)
+    finally:
+        server.prefetcher.shutdown()
+        pyfuse3.close(unmount=True)
+        if os.path.exists(args.control):
+            os.unlink(args.control)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

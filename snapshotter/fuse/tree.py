@@ -1,0 +1,182 @@
+"""The read-only inode tree of one layer, built from its TOC in memory.
+
+Inode numbers are stable: entry k of the TOC is local inode k + 2, the layer
+root is 1, and directories the tar never listed (common in layers made by
+diff tools) get numbers after the last entry, in the order first needed. A
+hard link is another name for its target's inode.
+
+Whiteouts are shown the way overlayfs expects them in a lower layer: `.wh.X`
+becomes a character device 0/0 named X, and `.wh..wh..opq` is hidden and sets
+`trusted.overlay.opaque` on its directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import stat
+from bisect import bisect_right
+from dataclasses import dataclass
+
+from chunkstore._pb import toc_pb2
+from chunkstore.fetch import ChunkRef
+
+log = logging.getLogger(__name__)
+
+ROOT = 1
+WHITEOUT_PREFIX = b".wh."
+OPAQUE_NAME = b".wh..wh..opq"
+OPAQUE_XATTR = b"trusted.overlay.opaque"
+
+_MODE_BITS = {
+    toc_pb2.REG: stat.S_IFREG, toc_pb2.DIR: stat.S_IFDIR, toc_pb2.SYMLINK: stat.S_IFLNK,
+    toc_pb2.CHAR: stat.S_IFCHR, toc_pb2.BLOCK: stat.S_IFBLK, toc_pb2.FIFO: stat.S_IFIFO,
+}  # fmt: skip
+
+
+@dataclass(slots=True)
+class Node:
+    entry: int  # index into toc.entries, or -1 for a directory the tar did not list
+    mode: int  # full st_mode
+    parent: int
+    children: dict[bytes, int] | None = None  # directories only
+    nlink: int = 1
+    opaque: bool = False
+    whiteout: bool = False
+
+
+class LayerTree:
+    def __init__(self, toc: toc_pb2.TOC):
+        self.toc = toc
+        self.nodes: dict[int, Node] = {ROOT: Node(-1, stat.S_IFDIR | 0o755, ROOT, {}, 2)}
+        self._next_synth = len(toc.entries) + 2
+        self._offsets: dict[int, list[int]] = {}
+        for k, e in enumerate(toc.entries):
+            self._add(k, e)
+
+    # -- building ----------------------------------------------------------
+    def _dir_of(self, parts: list[bytes]) -> int:
+        """Inode of the directory at parts, creating missing ones."""
+        ino = ROOT
+        for part in parts:
+            node = self.nodes[ino]
+            assert node.children is not None
+            child = node.children.get(part)
+            if child is None or self.nodes[child].children is None:
+                child = self._next_synth
+                self._next_synth += 1
+                self.nodes[child] = Node(-1, stat.S_IFDIR | 0o755, ino, {}, 2)
+                node.children[part] = child
+                node.nlink += 1
+            ino = child
+        return ino
+
+    def _add(self, k: int, e: toc_pb2.Entry) -> None:
+        if not e.name:
+            if e.type == toc_pb2.DIR:
+                self.nodes[ROOT].entry = k
+                self.nodes[ROOT].mode = stat.S_IFDIR | e.mode
+            return
+        *dirs, base = e.name.split(b"/")
+        parent = self._dir_of(dirs)
+        pnode = self.nodes[parent]
+        assert pnode.children is not None
+        if base == OPAQUE_NAME:
+            pnode.opaque = True
+            return
+        if base.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):
+            return  # aufs bookkeeping (.wh..wh.plnk etc.), not part of the tree
+        whiteout = base.startswith(WHITEOUT_PREFIX)
+        if whiteout:
+            base = base[len(WHITEOUT_PREFIX):]
+        if e.type == toc_pb2.HARDLINK:
+            target = self.resolve(e.linkname)
+            if target is None or self.nodes[target].children is not None:
+                log.warning("hard link target missing; entry skipped",
+                            extra={"kv": {"name": e.name, "target": e.linkname}})
+                return
+            pnode.children[base] = target
+            self.nodes[target].nlink += 1
+            return
+        old = pnode.children.get(base)
+        ino = k + 2
+        old_is_dir = old is not None and self.nodes[old].children is not None
+        if e.type == toc_pb2.DIR and old_is_dir:
+            assert old is not None
+            # a directory listed again (or after a synthesized one): keep its children
+            oldnode = self.nodes.pop(old)
+            node = Node(k, stat.S_IFDIR | e.mode, parent, oldnode.children, oldnode.nlink,
+                        oldnode.opaque)
+            assert node.children is not None
+            for c in node.children.values():
+                if self.nodes[c].parent == old:
+                    self.nodes[c].parent = ino
+        elif whiteout:
+            node = Node(k, stat.S_IFCHR, parent, whiteout=True)
+        elif e.type == toc_pb2.DIR:
+            node = Node(k, stat.S_IFDIR | e.mode, parent, {}, 2)
+        else:
+            node = Node(k, _MODE_BITS[e.type] | e.mode, parent)
+        if e.type == toc_pb2.DIR and not old_is_dir:
+            pnode.nlink += 1
+        self.nodes[ino] = node
+        pnode.children[base] = ino
+
+    # -- queries -----------------------------------------------------------
+    def resolve(self, path: bytes) -> int | None:
+        ino = ROOT
+        for part in path.split(b"/") if path else ():
+            children = self.nodes[ino].children
+            if children is None or part not in children:
+                return None
+            ino = children[part]
+        return ino
+
+    def lookup(self, parent: int, name: bytes) -> int | None:
+        node = self.nodes.get(parent)
+        if node is None or node.children is None:
+            return None
+        if name == b".":
+            return parent
+        if name == b"..":
+            return node.parent
+        return node.children.get(name)
+
+    def entry(self, ino: int) -> toc_pb2.Entry | None:
+        k = self.nodes[ino].entry
+        return self.toc.entries[k] if k >= 0 else None
+
+    def xattrs(self, ino: int) -> dict[bytes, bytes]:
+        node = self.nodes[ino]
+        out: dict[bytes, bytes] = {}
+        e = self.entry(ino)
+        if e is not None and not node.whiteout:
+            out = {x.name.encode(): x.value for x in e.xattrs}
+        if node.opaque:
+            out[OPAQUE_XATTR] = b"y"
+        return out
+
+    def chunks_for(self, ino: int, offset: int, size: int) -> tuple[int, list[ChunkRef]]:
+        """The chunks of a regular file that cover [offset, offset+size), and the file
+        offset where the first of them starts."""
+        e = self.entry(ino)
+        if e is None or offset >= e.size or size <= 0 or not e.chunks:
+            return 0, []
+        offs = self._offsets.get(ino)
+        if offs is None:
+            offs = self._offsets[ino] = [c.file_offset for c in e.chunks]
+        first = bisect_right(offs, offset) - 1
+        last = bisect_right(offs, min(offset + size, e.size) - 1) - 1
+        return offs[first], [ChunkRef(c.digest, c.blob_offset, c.compressed_size, c.size)
+                             for c in e.chunks[first : last + 1]]
+
+    def all_chunks(self) -> list[ChunkRef]:
+        """Every distinct chunk, in blob order."""
+        seen: set[bytes] = set()
+        out = []
+        for e in self.toc.entries:
+            for c in e.chunks:
+                if c.digest not in seen:
+                    seen.add(c.digest)
+                    out.append(ChunkRef(c.digest, c.blob_offset, c.compressed_size, c.size))
+        out.sort(key=lambda r: r.blob_offset)
+        return out
