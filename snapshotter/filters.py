@@ -218,5 +218,5 @@ class _Parser:
 
     def _error(self, msg: str) -> InvalidArgument:
         t, p = self.text, self.pos
-        where = f"[{t[:p]} >|{t[p:p + 1]}|< {t[p + 1:]}]" if p < len(t) else f"[{t}]"
+        where = f"[{t[:p]} >|{t[p : p + 1]}|< {t[p + 1 :]}]" if p < len(t) else f"[{t}]"
         return InvalidArgument(f"filters: parse error: {where}: {msg}")

@@ -251,8 +251,16 @@ class Txn:
         self._conn.execute(
             "UPDATE snapshots SET name = ?, kind = ?, created_ns = ?, updated_ns = ?,"
             " size = ?, inodes = ?, remote = ? WHERE id = ?",
-            (name, int(Kind.COMMITTED), now_ns, now_ns, usage.size, usage.inodes, int(remote),
-             snap.id),
+            (
+                name,
+                int(Kind.COMMITTED),
+                now_ns,
+                now_ns,
+                usage.size,
+                usage.inodes,
+                int(remote),
+                snap.id,
+            ),
         )
         self._conn.execute("DELETE FROM labels WHERE snapshot_id = ?", (snap.id,))
         self._write_labels(snap.id, labels)

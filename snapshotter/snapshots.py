@@ -191,9 +191,7 @@ class Snapshotter:
 
     # -- internals
 
-    def _create(
-        self, kind: Kind, key: str, parent: str, labels: Mapping[str, str]
-    ) -> list[Mount]:
+    def _create(self, kind: Kind, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
         if not key:
             raise InvalidArgument("snapshot key must not be empty")
         with self._store.write() as tx:

@@ -204,9 +204,7 @@ class SnapshotsClient:
         self._metadata = (("containerd-namespace", namespace),) if namespace else ()
 
     def _call(self, method: str, request: Any) -> Any:
-        return getattr(self._stub, method)(
-            request, timeout=self.timeout, metadata=self._metadata
-        )
+        return getattr(self._stub, method)(request, timeout=self.timeout, metadata=self._metadata)
 
     def prepare(self, key: str, parent: str = "", labels: Mapping[str, str] | None = None) -> Any:
         req = pb.PrepareSnapshotRequest(
@@ -270,16 +268,36 @@ def code_of(exc: BaseException) -> grpc.StatusCode | None:
 
 
 def mount_all(mounts: Sequence[Any], target: str | os.PathLike[str]) -> None:
-    """Mount what a Prepare/View/Mounts returned at target, as containerd's mount.All does."""
+    """Mount what a Prepare/View/Mounts returned at target, as containerd's mount.All does:
+    options longer than a page get lowerdirs relative to their common parent (mount_linux.go)."""
     for m in mounts:
         opts = list(m.options)
+        cwd = None
+        if m.type == "overlay" and len(",".join(opts)) >= os.sysconf("SC_PAGE_SIZE") - 1:
+            opts, cwd = _compact_lowerdirs(opts)
         if m.type == "bind":
             # mount(8) makes a read-only bind in two steps (bind, then remount), as containerd does.
             cmd = ["mount", "--no-mtab", "-o", ",".join(opts), m.source, os.fspath(target)]
         else:
-            cmd = ["mount", "--no-mtab", "-t", m.type, "-o", ",".join(opts), m.source,
-                   os.fspath(target)]
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
+            cmd = [
+                "mount",
+                "--no-mtab",
+                "-t",
+                m.type,
+                "-o",
+                ",".join(opts),
+                m.source,
+                os.fspath(target),
+            ]
+        subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=cwd)
+
+
+def _compact_lowerdirs(opts: list[str]) -> tuple[list[str], str]:
+    i = next(n for n, o in enumerate(opts) if o.startswith("lowerdir="))
+    lowers = opts[i][len("lowerdir=") :].split(":")
+    common = os.path.commonpath(lowers)
+    rel = [os.path.relpath(p, common) for p in lowers]
+    return [*opts[:i], "lowerdir=" + ":".join(rel), *opts[i + 1 :]], common
 
 
 def unmount(target: str | os.PathLike[str]) -> None:

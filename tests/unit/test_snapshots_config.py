@@ -101,9 +101,7 @@ def test_containerd_snippet_is_valid_toml_for_each_version() -> None:
     assert cri == {"snapshotter": "zest", "disable_snapshot_annotations": False}
 
     v21 = tomllib.loads(config.containerd_snippet(sock, (2, 1)))
-    assert v21["proxy_plugins"]["zest"]["exports"] == {
-        "enable_remote_snapshot_annotations": "true"
-    }
+    assert v21["proxy_plugins"]["zest"]["exports"] == {"enable_remote_snapshot_annotations": "true"}
     assert v21["plugins"]["io.containerd.cri.v1.images"]["snapshotter"] == "zest"
     (unpack,) = v21["plugins"]["io.containerd.transfer.v1.local"]["unpack_config"]
     assert unpack["snapshotter"] == "zest"
