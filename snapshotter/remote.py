@@ -1,0 +1,239 @@
+"""The LayerMounter: from a Prepare's labels to a layer served at a snapshot directory.
+
+A zest layer: resolve the manifest (verified by its digest), fetch the TOC with
+one range request (annotations, else the footer), verify it, keep it under
+`<root>/tocs/`, ask the FUSE process to serve it, and bind-mount its directory
+on the snapshot's `fs`. Any other layer: download its blob (all such layers of
+the image in parallel), unpack it into `fs` and check its DiffID.
+
+What a layer needs to be served again after a restart is written next to the
+snapshot (`<root>/snapshots/<id>/remote.json`), so re-mounting needs no network.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import subprocess
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from chunkstore import format as fmt
+from chunkstore import toc as tocmod
+from chunkstore.digest import Digest
+from snapshotter import labels as L
+from snapshotter.errors import Unavailable
+from snapshotter.fuse.protocol import ControlError
+from snapshotter.fuseproc import FuseProcess
+from snapshotter.image import store as st
+from snapshotter.image.reference import Kind, parse_reference
+from snapshotter.registry.client import RegistryClient
+from snapshotter.unpack import BlobDownloads, UnpackError, unpack_blob
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "remote.json"
+
+
+class NotServable(Exception):
+    """The daemon cannot serve this layer; containerd's ordinary path takes it."""
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _mount_state(path: Path) -> str:
+    """"mounted", "stale" (a dead FUSE connection) or "none"."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            return "stale"
+        raise
+    return "mounted" if os.path.ismount(path) else "none"
+
+
+class RemoteLayers:
+    def __init__(self, root: Path, fuse: FuseProcess, *, plain_http_hosts: frozenset[str] = (
+            frozenset()), unpack: bool = True, unpack_parallel: int = 3,
+            prefetch: bool = True):
+        self.root = root
+        self.fuse = fuse
+        self.plain_http_hosts = plain_http_hosts
+        self.unpack = unpack
+        self.prefetch = prefetch
+        self.tocs = root / "tocs"
+        self.tocs.mkdir(parents=True, exist_ok=True)
+        self.blobs = BlobDownloads(root / "blobs", unpack_parallel)
+        self._clients: dict[str, RegistryClient] = {}
+        self._manifests: OrderedDict[str, tuple[dict[str, Any], dict[str, Any]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # -- registry --------------------------------------------------------------
+    def _client(self, host: str) -> RegistryClient:
+        with self._lock:
+            c = self._clients.get(host)
+            if c is None:
+                c = self._clients[host] = RegistryClient(
+                    host, plain_http=host in self.plain_http_hosts)
+            return c
+
+    def _manifest_and_config(self, client: RegistryClient, repo: str,
+                             digest: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        with self._lock:
+            hit = self._manifests.get(digest)
+        if hit is not None:
+            return hit
+        m = client.get_manifest(repo, digest)  # verified against the digest
+        manifest = json.loads(m.data)
+        if m.media_type not in st.MANIFEST_TYPES:
+            raise NotServable(f"{digest} is a {m.media_type}, not an image manifest")
+        cdesc = manifest["config"]
+        with client.open_blob(repo, cdesc["digest"]) as f:
+            raw = f.read(int(cdesc["size"]) + 1)
+        Digest.parse(cdesc["digest"]).verify(raw, "image config")
+        result = (manifest, json.loads(raw))
+        with self._lock:
+            self._manifests[digest] = result
+            while len(self._manifests) > 64:
+                self._manifests.popitem(last=False)
+        return result
+
+    # -- LayerMounter ----------------------------------------------------------
+    def mount(self, mountpoint: Path, labels: Mapping[str, str]) -> None:
+        state_path = mountpoint.parent / STATE_FILE
+        if state_path.exists():
+            self._attach(json.loads(state_path.read_text()), mountpoint)
+            return
+        req = L.remote_layer_request(labels)
+        if req is None or not req.image_ref or not req.manifest_digest:
+            raise NotServable("Prepare has no image reference, manifest or layer digest labels "
+                              "(pull with `zest pull`, ctr-remote, CRI or nerdctl)")
+        ref = parse_reference(req.image_ref)
+        if ref.kind != Kind.REGISTRY:
+            raise NotServable(f"{req.image_ref} is not a registry reference")
+        client = self._client(ref.api_host)
+        manifest, config = self._manifest_and_config(client, ref.repository,
+                                                     req.manifest_digest)
+        layers = manifest.get("layers") or []
+        index = next((i for i, d in enumerate(layers) if d["digest"] == req.layer_digest), None)
+        if index is None:
+            raise NotServable(f"layer {req.layer_digest} is not in manifest "
+                              f"{req.manifest_digest}")
+        desc = layers[index]
+        what = f"{req.image_ref} layer {index + 1}/{len(layers)} {req.layer_digest}"
+        footer = fmt.footer_from_annotations(desc.get("annotations") or {})
+        if footer is None:
+            state = self._unpack(client, ref.repository, manifest, config, index, mountpoint,
+                                 what)
+        else:
+            state = self._lazy(client, ref.api_host, ref.repository, desc, footer, mountpoint,
+                               what)
+        _write_atomic(state_path, json.dumps(state).encode())
+        try:
+            self._attach(state, mountpoint)
+        except BaseException:
+            state_path.unlink(missing_ok=True)  # the snapshot stays an ordinary active one
+            raise
+
+    def _lazy(self, client: RegistryClient, host: str, repo: str, desc: dict[str, Any],
+              footer: fmt.Footer, mountpoint: Path, what: str) -> dict[str, Any]:
+        digest = desc["digest"]
+        toc_file = self.tocs / footer.toc_digest.hex
+        if not toc_file.exists():
+            def read(off: int, n: int) -> bytes:
+                return client.read_range(repo, digest, off, n)
+
+            tail = tocmod.read_footer(read, int(desc["size"]))
+            if tail != footer:
+                raise NotServable(f"{what}: footer disagrees with the manifest annotations")
+            payload = read(footer.toc_offset, footer.toc_size)
+            toc = fmt.decode_toc(payload, footer.toc_digest)  # verifies the digest
+            tocmod.check_chunk_table(toc, int(desc["size"]))
+            _write_atomic(toc_file, payload)
+        sid = int(mountpoint.parent.name)
+        return {"kind": "lazy", "name": str(sid), "slot": sid, "toc_path": str(toc_file),
+                "toc_digest": str(footer.toc_digest), "what": what,
+                "source": {"kind": "registry", "host": host, "repo": repo, "digest": digest,
+                           "plain_http": host in self.plain_http_hosts}}
+
+    def _unpack(self, client: RegistryClient, repo: str, manifest: dict[str, Any],
+                config: dict[str, Any], index: int, mountpoint: Path,
+                what: str) -> dict[str, Any]:
+        if not self.unpack:
+            raise NotServable(f"{what} is not a zest layer and unpacking is disabled")
+        layers = manifest["layers"]
+        diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
+        # start every ordinary layer of the image at once; containerd asks for them one by one
+        for d in layers[index:]:
+            if fmt.ANN_TOC_DIGEST not in (d.get("annotations") or {}):
+                self.blobs.start(client, repo, d["digest"], int(d["size"]))
+        blob = self.blobs.start(client, repo, layers[index]["digest"],
+                                int(layers[index]["size"])).result()
+        try:
+            unpack_blob(blob, mountpoint, diff_ids[index] if index < len(diff_ids) else None,
+                        what)
+        except UnpackError:
+            for child in mountpoint.iterdir():  # leave an empty directory for containerd
+                subprocess.run(["rm", "-rf", "--one-file-system", str(child)], check=False)
+            raise
+        finally:
+            self.blobs.forget(layers[index]["digest"])
+        log.info("layer unpacked", extra={"kv": {"layer": what}})
+        return {"kind": "unpacked", "what": what}
+
+    def _attach(self, state: dict[str, Any], mountpoint: Path) -> None:
+        if state["kind"] != "lazy":
+            return
+        self.fuse.ensure()
+        self.fuse.call("add", name=state["name"], slot=state["slot"],
+                       toc_path=state["toc_path"], toc_digest=state["toc_digest"],
+                       source=state["source"], what=state["what"], prefetch=self.prefetch)
+        current = _mount_state(mountpoint)
+        if current == "mounted":
+            return
+        if current == "stale":
+            subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+        src = self.fuse.cfg.mountpoint / state["name"]
+        subprocess.run(["mount", "--bind", str(src), str(mountpoint)], check=True,
+                       capture_output=True)
+        log.info("layer mounted", extra={"kv": {"layer": state["what"], "at": mountpoint}})
+
+    def check(self, mountpoint: Path, labels: Mapping[str, str]) -> None:
+        state_path = mountpoint.parent / STATE_FILE
+        if not state_path.exists():
+            raise Unavailable(f"remote snapshot at {mountpoint} has no state file")
+        state = json.loads(state_path.read_text())
+        if state["kind"] != "lazy":
+            return
+        try:
+            names = {layer["name"] for layer in self.fuse.call("list")["layers"]}
+        except ControlError as exc:
+            raise Unavailable(str(exc)) from exc
+        if state["name"] not in names or _mount_state(mountpoint) != "mounted":
+            raise Unavailable(f"lazy layer {state['what']} is not mounted")
+
+    def unmount(self, mountpoint: Path) -> None:
+        state_path = mountpoint.parent / STATE_FILE
+        if not state_path.exists():
+            return
+        state = json.loads(state_path.read_text())
+        if state["kind"] != "lazy":
+            return
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False, capture_output=True)
+        try:
+            self.fuse.call("remove", name=state["name"])
+        except ControlError as exc:
+            log.warning("could not remove layer from the FUSE process",
+                        extra={"kv": {"layer": state["what"], "error": exc}})
