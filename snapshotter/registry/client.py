@@ -20,7 +20,8 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import BinaryIO, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 import httpx
 
@@ -49,6 +50,9 @@ from snapshotter.registry.errors import (
     RegistryUnavailableError,
 )
 from snapshotter.registry.retry import RetryPolicy, retry
+
+if TYPE_CHECKING:
+    from snapshotter.registry.hosts import Endpoint
 
 log = logging.getLogger(__name__)
 
@@ -118,24 +122,40 @@ class RegistryClient:
         timeout: float = 30.0,
         retry_policy: RetryPolicy | None = None,
         transport: httpx.BaseTransport | None = None,
+        endpoint: Endpoint | None = None,
     ) -> None:
         """`credentials=None` looks the host up in the docker config; pass auth.ANONYMOUS for none.
 
-        Plain http is used when asked for and always for loopback hosts.
+        Plain http is used when asked for and always for loopback hosts. `endpoint` (from
+        hosts.py) sets scheme, API root, TLS and headers instead, as a hosts.toml says.
         """
         self.host = host
         scheme = "http" if plain_http or is_loopback(host) else "https"
-        self.base_url = f"{scheme}://{host}"
+        self.base_url = endpoint.base_url if endpoint else f"{scheme}://{host}"
+        self._api_root = endpoint.path if endpoint else "/v2"
         self.retry_policy = retry_policy or RetryPolicy()
         self._http = httpx.Client(
             base_url=self.base_url,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
-            headers={"User-Agent": _USER_AGENT},
+            headers={"User-Agent": _USER_AGENT, **dict(endpoint.headers if endpoint else ())},
             transport=transport,
+            verify=endpoint.tls() if endpoint else True,
         )
         creds = credentials if credentials is not None else load_docker_credentials(host)
         self.auth = RegistryAuth(host, creds, self._http, base_url=self.base_url)
+
+    @classmethod
+    def for_host(
+        cls, host: str, hosts_dir: Path | None = None, *, plain_http: bool = False, **kwargs: Any
+    ) -> RegistryClient:
+        """A client for `host` (as image references name it) that reads through the mirrors
+        of its containerd hosts.toml under `hosts_dir` (default /etc/containerd/certs.d)."""
+        from snapshotter.registry import hosts
+
+        return hosts.client_for_host(
+            host, hosts_dir or hosts.DEFAULT_HOSTS_DIR, plain_http=plain_http, **kwargs
+        )
 
     def close(self) -> None:
         self._http.close()
@@ -329,6 +349,8 @@ class RegistryClient:
         content: bytes | Iterable[bytes] | None = None,
     ) -> httpx.Response:
         """One try; returns a streaming response or raises a temporary error."""
+        if isinstance(url, str) and url.startswith("/v2/") and self._api_root != "/v2":
+            url = self._api_root + url[3:]  # a hosts.toml endpoint with its own API root
         request = self._http.build_request(method, url, headers=headers, content=content)
         response = self._http.send(request, auth=self.auth, stream=True, follow_redirects=True)
         if response.status_code >= 500 or response.status_code == 429:
