@@ -31,6 +31,15 @@ GC_ROOT = "containerd.io/gc.root"
 # Prefix of the labels containerd passes through to a proxy snapshotter.
 INHERITED_PREFIX = "containerd.io/snapshot/"
 
+# Labels on containerd's own objects (content, leases), set by `zest pull` as containerd's pull
+# and unpacker set them. containerd refuses a label whose key and value exceed MAX_LABEL_SIZE.
+MAX_LABEL_SIZE = 4096
+GC_EXPIRE = "containerd.io/gc.expire"  # on a lease: RFC 3339 time after which GC drops it
+GC_REF_CONTENT = "containerd.io/gc.ref.content."  # + "config", "m.<i>", "l.<i>", "<i>"
+GC_REF_SNAPSHOT = "containerd.io/gc.ref.snapshot."  # + snapshotter name, on the config blob
+DISTRIBUTION_SOURCE = "containerd.io/distribution.source."  # + registry host; value: repos
+UNCOMPRESSED = "containerd.io/uncompressed"  # on a layer blob: its DiffID
+
 
 @dataclass(frozen=True)
 class RemoteLayerRequest:
