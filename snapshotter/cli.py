@@ -120,11 +120,64 @@ def _add_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     c.set_defaults(func=run)
 
 
+def _add_pull(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    import os
+
+    p = sub.add_parser(
+        "pull",
+        help="pull an image into containerd, letting the snapshotter serve layers lazily",
+        description=(
+            "Resolves REF in its registry (hosts.toml mirrors honoured), writes index, manifest "
+            "and config into containerd's content store and prepares each layer on the "
+            "snapshotter with the remote-snapshot labels, as containerd's unpacker does; layers "
+            "the snapshotter cannot serve are downloaded and unpacked by containerd."
+        ),
+    )
+    p.add_argument("ref", help="host[:port]/repo[:tag][@sha256:...], also the name in containerd")
+    p.add_argument(
+        "--address",
+        default=os.environ.get("CONTAINERD_ADDRESS", "/run/containerd/containerd.sock"),
+        help="containerd's socket (default $CONTAINERD_ADDRESS or /run/containerd/containerd.sock)",
+    )
+    p.add_argument(
+        "--namespace",
+        default=os.environ.get("CONTAINERD_NAMESPACE", "default"),
+        help="containerd namespace (default $CONTAINERD_NAMESPACE or default)",
+    )
+    p.add_argument("--snapshotter", default="zest", help="snapshotter to unpack for (zest)")
+    p.add_argument("--plain-http", action="store_true", help="use http for the registry")
+    p.add_argument("--platform", help="os/arch[/variant] (default: this machine's)")
+    p.add_argument(
+        "--hosts-dir",
+        type=Path,
+        default=Path("/etc/containerd/certs.d"),
+        help="containerd's registry config_path with <host>/hosts.toml (mirrors)",
+    )
+
+    def run(args: argparse.Namespace) -> int:
+        from snapshotter.pull import pull
+
+        result = pull(
+            args.ref,
+            address=args.address,
+            namespace=args.namespace,
+            snapshotter=args.snapshotter,
+            platform=args.platform,
+            plain_http=args.plain_http,
+            hosts_dir=args.hosts_dir,
+        )
+        print(result.summary())
+        return 0
+
+    p.set_defaults(func=run)
+
+
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     _add_convert,
     _add_inspect,
     _add_snapshotter,
     _add_config,
+    _add_pull,
 ]
 
 
