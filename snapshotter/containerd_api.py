@@ -227,7 +227,7 @@ class Containerd:
         (the partial ingest is aborted) and is raised here unchanged.
         """
         what = f"write {desc.digest} to containerd's content store"
-        failure: list[BaseException] = []
+        failure: list[Exception] = []
         call = self._content.Write(
             _write_requests(desc, chunks, ref, labels, failure),
             metadata=self._metadata(lease),
@@ -411,7 +411,7 @@ def _write_requests(
     chunks: Iterable[bytes],
     ref: str,
     labels: Mapping[str, str],
-    failure: list[BaseException],
+    failure: list[Exception],
 ) -> Iterator[content_pb.WriteContentRequest]:
     """The Write stream: data at increasing offsets, then a commit with size, digest and labels.
 
@@ -432,7 +432,7 @@ def _write_requests(
                 data=data,
             )
             offset += len(data)
-    except BaseException as exc:
+    except Exception as exc:  # not GeneratorExit: gRPC closes the iterator when a call ends early
         failure.append(exc)
         return
     yield content_pb.WriteContentRequest(
