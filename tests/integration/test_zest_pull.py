@@ -18,13 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from snapshotter import labels as lbl
 from snapshotter.containerd_api import Containerd as ContainerdClient
 from snapshotter.image.store import OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, Manifest
-from snapshotter.pull import PullResult, chain_ids, pull
+from snapshotter.pull import PullError, PullResult, chain_ids, pull
 from snapshotter.registry.client import RegistryClient
+from snapshotter.registry.errors import NotFoundError
 from tests.conftest import ImageCache
 from tests.support.containerd import Containerd, proxy_plugin_toml
 from tests.support.registry import LocalRegistry, free_port
@@ -225,6 +227,8 @@ def test_pull_index_and_multi_layer_image(
         client.put_manifest(repo, "index", Manifest(OCI_INDEX, data, digest))
     ref = f"{registry.host}/{repo}:index"
 
+    with pytest.raises(PullError, match=r"has no image for linux/s390x \(it has: linux/arm64, "):
+        t.pull(ref, platform="linux/s390x")
     result = t.pull(ref, platform="linux/amd64")
 
     assert result.target.digest == digest and result.manifest.digest == manifest.digest
@@ -296,3 +300,23 @@ def test_pull_of_a_missing_image(zest_containerd: Target, registry: LocalRegistr
     assert out.returncode == 1
     assert "not found" in out.stderr and len(out.stderr.strip().splitlines()) == 1
     assert ref not in t.ctr("images", "ls", "-q")
+
+
+def test_a_failed_pull_leaves_nothing_behind(
+    containerd: Containerd, image_cache: ImageCache, registry: LocalRegistry
+) -> None:
+    """A layer the registry lost: a clear error; no image, extract snapshot or lease remains."""
+    t = Target(containerd, "overlayfs", namespace=f"zest-pull-{secrets.token_hex(4)}")
+    ref = image_cache.push("busybox", repo="test/lost-layer")
+    with RegistryClient(registry.host) as client:
+        layer = json.loads(client.get_manifest("test/lost-layer", "latest").data)["layers"][0]
+        url = f"http://{registry.host}/v2/test/lost-layer/blobs/{layer['digest']}"
+        assert httpx.delete(url).status_code == 202
+        assert client.head_blob("test/lost-layer", layer["digest"]) is None
+
+    with pytest.raises(NotFoundError, match=layer["digest"]):
+        t.pull(ref)
+
+    assert ref not in t.ctr("images", "ls", "-q")
+    assert "extract-" not in t.ctr("snapshots", "--snapshotter", "overlayfs", "ls")
+    assert "zest-pull-" not in t.ctr("leases", "ls")
