@@ -7,12 +7,16 @@ subprocess. Whether the daemon serves a layer remotely or leaves it to container
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import os
 import secrets
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,12 +54,36 @@ def zest(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 @pytest.fixture
 def zest_containerd(containerd_factory) -> Iterator[Target]:  # type: ignore[no-untyped-def]
     """A private containerd with the zest snapshotter daemon as proxy plugin `zest`."""
-    with Snapshotterd() as zsd:
+    zsd = Snapshotterd()
+    try:
+        zsd.start()
         ctrd = containerd_factory(extra_toml=proxy_plugin_toml("zest", zsd.address))
         try:
             yield Target(ctrd)
         finally:
             ctrd.stop()  # containers and snapshots go while the daemon still answers
+    finally:
+        zsd.stop()
+        _kill_mentioning(str(zsd.base_dir))  # the FUSE process outlives the daemon by design
+        zsd.remove()
+
+
+def _kill_mentioning(needle: str) -> None:
+    """SIGKILL the processes whose command line names `needle` (a test's private dir)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and needle in (entry / "cmdline").read_text(errors="replace"):
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while pids and time.monotonic() < deadline:
+        pids = [p for p in pids if Path(f"/proc/{p}").exists()]
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
