@@ -272,10 +272,17 @@ def resolve_image(
             "(OCI and docker schema 2 are); re-push the image with a current tool"
         )
     doc = _json(manifest.data, f"manifest {manifest.digest}")
-    config = Descriptor.from_json(doc["config"])
-    layers = tuple(Descriptor.from_json(d) for d in doc.get("layers") or [])
+    try:
+        config = Descriptor.from_json(doc["config"])
+        layers = tuple(Descriptor.from_json(d) for d in doc.get("layers") or [])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PullError(f"{ref}: manifest {manifest.digest} is malformed ({exc!r})") from exc
     config_data = _read_config(client, repo, config)
-    diff_ids = tuple(_json(config_data, f"config {config.digest}")["rootfs"]["diff_ids"])
+    try:
+        rootfs = _json(config_data, f"config {config.digest}")["rootfs"]
+        diff_ids = tuple(str(d) for d in rootfs["diff_ids"])
+    except (KeyError, TypeError) as exc:
+        raise PullError(f"{ref}: config {config.digest} has no rootfs.diff_ids ({exc!r})") from exc
     if len(diff_ids) != len(layers):
         raise PullError(
             f"{ref}: the manifest lists {len(layers)} layers but the config "
