@@ -251,15 +251,16 @@ class Snapshotter:
 
     def _mounts(self, snap: Snapshot, parents: Sequence[int]) -> list[Mount]:
         """overlay.go mounts(): bind for zero or one layer, overlay otherwise."""
+        base = os.fspath(self._snapshots_dir)  # plain strings: chains can be hundreds deep
         if not parents:
             mode = "ro" if snap.info.kind == Kind.VIEW else "rw"
-            return [Mount("bind", str(self._fs(snap.id)), (mode, "rbind"))]
+            return [Mount("bind", f"{base}/{snap.id}/fs", (mode, "rbind"))]
         options: list[str] = ["index=off"] if self._index_off else []
         if snap.info.kind == Kind.ACTIVE:
-            options += [f"workdir={self._work(snap.id)}", f"upperdir={self._fs(snap.id)}"]
+            options += [f"workdir={base}/{snap.id}/work", f"upperdir={base}/{snap.id}/fs"]
         elif len(parents) == 1:
-            return [Mount("bind", str(self._fs(parents[0])), ("ro", "rbind"))]
-        options.append("lowerdir=" + ":".join(str(self._fs(p)) for p in parents))
+            return [Mount("bind", f"{base}/{parents[0]}/fs", ("ro", "rbind"))]
+        options.append("lowerdir=" + ":".join(f"{base}/{p}/fs" for p in parents))
         return [Mount("overlay", "overlay", tuple(options))]
 
     def _orphans(self, ids: set[int]) -> list[Path]:
