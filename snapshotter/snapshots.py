@@ -274,9 +274,6 @@ class Snapshotter:
     def _fs(self, sid: int) -> Path:
         return self._snapshots_dir / str(sid) / "fs"
 
-    def _work(self, sid: int) -> Path:
-        return self._snapshots_dir / str(sid) / "work"
-
 
 def _adaptor(info: Info) -> Adaptor:
     """The field paths containerd's storage.adaptSnapshot offers to filters."""
