@@ -69,16 +69,10 @@ def _rpc(method: _F) -> _F:
         except Exception as exc:
             _abort(context, method.__name__, request, exc)
         finally:
-            log.debug(
-                "rpc",
-                extra={
-                    "kv": {
-                        "method": method.__name__,
-                        "key": getattr(request, "key", ""),
-                        "ms": round((time.perf_counter() - start) * 1000, 3),
-                    }
-                },
-            )
+            if log.isEnabledFor(logging.DEBUG):
+                ms = round((time.perf_counter() - start) * 1000, 3)
+                kv = {"method": method.__name__, "key": getattr(request, "key", ""), "ms": ms}
+                log.debug("rpc", extra={"kv": kv})
 
     return wrapper  # type: ignore[return-value]
 
