@@ -9,6 +9,7 @@ typo never silently falls back to a default. docs/config.md documents each optio
     [grpc]       address, socket_mode, max_workers, shutdown_timeout
     [snapshots]  async_remove, overlay_index_off
     [metadata]   synchronous
+    [remote]     enabled, cache_size_mb, background_prefetch, prefetch_parallel, unpack, ...
 
 Constructors elsewhere take the values they need, never a whole `Config`.
 """
@@ -86,12 +87,50 @@ class MetadataConfig:
 
 
 @dataclass(frozen=True)
+class RemoteConfig:
+    """Lazy pulling: zest layers served through FUSE, other layers unpacked by the daemon."""
+
+    # Serve layers of pulled images (lazily when converted); false: behave like overlayfs.
+    enabled: bool = True
+    # Bound on the local chunk cache (<root>/cache), in MiB; least recently used chunks go first.
+    cache_size_mb: int = 10240
+    # After a layer is mounted, fetch the rest of it at low priority (after its prefetch list).
+    background_prefetch: bool = True
+    # Range requests prefetch may have in flight at once, over all layers.
+    prefetch_parallel: int = 4
+    # Fetch and unpack layers that are not in zest's format (so containerd downloads nothing).
+    unpack: bool = True
+    # Blobs of such layers downloaded at once.
+    unpack_parallel: int = 3
+    # Comma-separated registry hosts spoken to over plain http (loopback hosts always are).
+    plain_http_hosts: str = ""
+    # Stop the FUSE process (unmounting every lazy layer) when the daemon stops. Off: a
+    # restart or upgrade of the daemon leaves running containers untouched.
+    stop_fuse_on_exit: bool = False
+    # Prometheus /metrics on this host:port ("" turns it off); loopback by default.
+    metrics_address: str = "127.0.0.1:9911"
+
+    def validate(self) -> None:
+        if self.cache_size_mb < 1:
+            raise ConfigError("remote.cache_size_mb must be at least 1")
+        if self.prefetch_parallel < 1 or self.unpack_parallel < 1:
+            raise ConfigError("remote.prefetch_parallel and remote.unpack_parallel must be >= 1")
+        if self.metrics_address and ":" not in self.metrics_address:
+            raise ConfigError("remote.metrics_address must be host:port or empty")
+
+    @property
+    def plain_http(self) -> frozenset[str]:
+        return frozenset(h.strip() for h in self.plain_http_hosts.split(",") if h.strip())
+
+
+@dataclass(frozen=True)
 class Config:
     root: Path = DEFAULT_ROOT  # holds metadata.db and snapshots/<id>/{fs,work}
     log_level: str = "info"
     grpc: GrpcConfig = field(default_factory=GrpcConfig)
     snapshots: SnapshotsConfig = field(default_factory=SnapshotsConfig)
     metadata: MetadataConfig = field(default_factory=MetadataConfig)
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
 
     def validate(self) -> None:
         if not self.root.is_absolute():
@@ -101,6 +140,7 @@ class Config:
         self.grpc.validate()
         self.snapshots.validate()
         self.metadata.validate()
+        self.remote.validate()
 
     def with_overrides(
         self,

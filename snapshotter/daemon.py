@@ -25,7 +25,10 @@ import grpc
 
 from snapshotter import service
 from snapshotter.config import Config, GrpcConfig
+from snapshotter.fuseproc import FuseConfig, FuseProcess
 from snapshotter.metadata import MetaStore
+from snapshotter.metrics_http import serve_metrics
+from snapshotter.remote import RemoteLayers
 from snapshotter.snapshots import Snapshotter
 
 log = logging.getLogger(__name__)
@@ -44,11 +47,15 @@ def run(config: Config) -> int:
     with _root_lock(config.root):
         _claim_socket(config.grpc.address)
         store = MetaStore(config.root / DB_FILE, synchronous=config.metadata.synchronous)
+        fuse = _fuse_process(config) if config.remote.enabled else None
+        metrics = None
         try:
-            snapshotter = _snapshotter(config, store)
+            snapshotter = _snapshotter(config, store, fuse)
             snapshotter.restore()
             _install_signal_handlers(stop)
             server = _serve(snapshotter, config.grpc)
+            if config.remote.metrics_address:
+                metrics = serve_metrics(config.remote.metrics_address, fuse)
             log.info(
                 "serving",
                 extra={"kv": {"address": config.grpc.address, "root": config.root}},
@@ -57,7 +64,11 @@ def run(config: Config) -> int:
                 pass
             log.info("stopping", extra={"kv": {"grace_s": config.grpc.shutdown_timeout}})
             server.stop(config.grpc.shutdown_timeout).wait()
+            if fuse is not None and config.remote.stop_fuse_on_exit:
+                fuse.stop()
         finally:
+            if metrics is not None:
+                metrics.shutdown()
             store.close()
             with contextlib.suppress(FileNotFoundError):
                 config.grpc.address.unlink()
@@ -65,11 +76,27 @@ def run(config: Config) -> int:
     return 0
 
 
-def _snapshotter(config: Config, store: MetaStore) -> Snapshotter:
+def _fuse_process(config: Config) -> FuseProcess:
+    """The FUSE process of this root (started when the first lazy layer needs it)."""
+    fuse_dir = config.root / "fuse"
+    return FuseProcess(FuseConfig(
+        mountpoint=fuse_dir / "mnt", control=fuse_dir / "control.sock",
+        cache_dir=config.root / "cache", cache_size=config.remote.cache_size_mb << 20,
+        log_file=fuse_dir / "fuse.log", background_prefetch=config.remote.background_prefetch,
+        prefetch_parallel=config.remote.prefetch_parallel, log_level=config.log_level))
+
+
+def _snapshotter(config: Config, store: MetaStore, fuse: FuseProcess | None) -> Snapshotter:
     index_off = {"auto": None, "on": True, "off": False}[config.snapshots.overlay_index_off]
+    mounter = None
+    if fuse is not None:
+        mounter = RemoteLayers(config.root, fuse, plain_http_hosts=config.remote.plain_http,
+                               unpack=config.remote.unpack,
+                               unpack_parallel=config.remote.unpack_parallel)
     return Snapshotter(
         config.root,
         store,
+        mounter=mounter,
         async_remove=config.snapshots.async_remove,
         index_off=index_off,
     )

@@ -21,6 +21,11 @@ CRI_LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"
 CRI_MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
 CRI_IMAGE_LAYERS = "containerd.io/snapshot/cri.image-layers"  # comma-separated, this layer onward
 
+# Set by stargz-snapshotter's `ctr-remote image rpull` (no manifest digest: resolved by reference).
+STARGZ_IMAGE_REF = "containerd.io/snapshot/remote/stargz.reference"
+STARGZ_LAYER_DIGEST = "containerd.io/snapshot/remote/stargz.digest"
+STARGZ_IMAGE_LAYERS = "containerd.io/snapshot/remote/stargz.layers"
+
 # Marks a committed snapshot that is served by a LayerMounter rather than a plain directory.
 REMOTE = "containerd.io/snapshot/remote"
 REMOTE_VALUE = "remote snapshot"
@@ -59,13 +64,13 @@ def remote_layer_request(labels: Mapping[str, str]) -> RemoteLayerRequest | None
     annotations sends only the target).
     """
     target = labels.get(TARGET_SNAPSHOT_REF, "")
-    digest = labels.get(CRI_LAYER_DIGEST, "")
+    digest = labels.get(CRI_LAYER_DIGEST) or labels.get(STARGZ_LAYER_DIGEST, "")
     if not target or not digest:
         return None
-    layers = labels.get(CRI_IMAGE_LAYERS, "")
+    layers = labels.get(CRI_IMAGE_LAYERS) or labels.get(STARGZ_IMAGE_LAYERS, "")
     return RemoteLayerRequest(
         target=target,
-        image_ref=labels.get(CRI_IMAGE_REF, ""),
+        image_ref=labels.get(CRI_IMAGE_REF) or labels.get(STARGZ_IMAGE_REF, ""),
         layer_digest=digest,
         manifest_digest=labels.get(CRI_MANIFEST_DIGEST, ""),
         image_layers=tuple(d for d in layers.split(",") if d),

@@ -53,15 +53,23 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _mount_state(path: Path) -> str:
-    """"mounted", "stale" (a dead FUSE connection) or "none"."""
+def _mount_state(path: Path, fuse_root: Path) -> str:
+    """"mounted" (a bind of the live FUSE mount), "stale" (a bind left from a FUSE process
+    that died) or "none". The device number tells a live bind from a stale one: the kernel
+    may answer stat from its attribute cache even after the connection is gone."""
     try:
-        os.stat(path)
+        st = os.stat(path)
     except OSError as exc:
         if exc.errno == errno.ENOTCONN:
             return "stale"
         raise
-    return "mounted" if os.path.ismount(path) else "none"
+    if not os.path.ismount(path):
+        return "none"
+    try:
+        live = os.stat(fuse_root).st_dev
+    except OSError:
+        return "stale"
+    return "mounted" if st.st_dev == live else "stale"
 
 
 class RemoteLayers:
@@ -110,6 +118,20 @@ class RemoteLayers:
                 self._manifests.popitem(last=False)
         return result
 
+    def _find_manifest(self, client: RegistryClient, repo: str, reference: str,
+                       layer_digest: str) -> str:
+        """The digest of the manifest holding layer_digest, for labels that name only the
+        image (ctr-remote): the image's manifest, or in an index the first that has it."""
+        top = client.get_manifest(repo, reference)
+        if top.media_type in st.MANIFEST_TYPES:
+            return top.digest
+        for d in json.loads(top.data).get("manifests") or []:
+            child = client.get_manifest(repo, d["digest"])
+            if child.media_type in st.MANIFEST_TYPES and any(
+                    x["digest"] == layer_digest for x in json.loads(child.data)["layers"]):
+                return child.digest
+        raise NotServable(f"no manifest of {repo}:{reference} has layer {layer_digest}")
+
     # -- LayerMounter ----------------------------------------------------------
     def mount(self, mountpoint: Path, labels: Mapping[str, str]) -> None:
         state_path = mountpoint.parent / STATE_FILE
@@ -117,15 +139,16 @@ class RemoteLayers:
             self._attach(json.loads(state_path.read_text()), mountpoint)
             return
         req = L.remote_layer_request(labels)
-        if req is None or not req.image_ref or not req.manifest_digest:
-            raise NotServable("Prepare has no image reference, manifest or layer digest labels "
+        if req is None or not req.image_ref:
+            raise NotServable("Prepare has no image reference or layer digest labels "
                               "(pull with `zest pull`, ctr-remote, CRI or nerdctl)")
         ref = parse_reference(req.image_ref)
         if ref.kind != Kind.REGISTRY:
             raise NotServable(f"{req.image_ref} is not a registry reference")
         client = self._client(ref.api_host)
-        manifest, config = self._manifest_and_config(client, ref.repository,
-                                                     req.manifest_digest)
+        manifest_digest = req.manifest_digest or self._find_manifest(
+            client, ref.repository, ref.reference or "latest", req.layer_digest)
+        manifest, config = self._manifest_and_config(client, ref.repository, manifest_digest)
         layers = manifest.get("layers") or []
         index = next((i for i, d in enumerate(layers) if d["digest"] == req.layer_digest), None)
         if index is None:
@@ -200,7 +223,7 @@ class RemoteLayers:
         self.fuse.call("add", name=state["name"], slot=state["slot"],
                        toc_path=state["toc_path"], toc_digest=state["toc_digest"],
                        source=state["source"], what=state["what"], prefetch=self.prefetch)
-        current = _mount_state(mountpoint)
+        current = _mount_state(mountpoint, self.fuse.cfg.mountpoint)
         if current == "mounted":
             return
         if current == "stale":
@@ -221,7 +244,8 @@ class RemoteLayers:
             names = {layer["name"] for layer in self.fuse.call("list")["layers"]}
         except ControlError as exc:
             raise Unavailable(str(exc)) from exc
-        if state["name"] not in names or _mount_state(mountpoint) != "mounted":
+        if state["name"] not in names or _mount_state(
+                mountpoint, self.fuse.cfg.mountpoint) != "mounted":
             raise Unavailable(f"lazy layer {state['what']} is not mounted")
 
     def unmount(self, mountpoint: Path) -> None:

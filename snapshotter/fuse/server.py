@@ -172,9 +172,12 @@ def _unmount_stale(mountpoint: Path) -> None:
     try:
         os.stat(mountpoint)
         return
+    except FileNotFoundError:
+        return
     except OSError as exc:
         if exc.errno != errno.ENOTCONN:
             raise
+    log.info("clearing the mount of a dead FUSE process", extra={"kv": {"at": mountpoint}})
     subprocess.run(["umount", "-l", str(mountpoint)], check=False)
 
 
@@ -208,8 +211,8 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging(args.log_level)
     mountpoint = Path(args.mountpoint)
-    mountpoint.mkdir(parents=True, exist_ok=True)
     _unmount_stale(mountpoint)
+    mountpoint.mkdir(parents=True, exist_ok=True)
     server = Server(mountpoint, ChunkCache(args.cache_dir, args.cache_size),
                     background_prefetch=not args.no_background_prefetch,
                     prefetch_parallel=args.prefetch_parallel)
