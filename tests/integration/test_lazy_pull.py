@@ -122,8 +122,6 @@ def node_factory(registry: LocalRegistry, tmp_path: Path) -> Iterator[Callable[.
 
 
 def _stop_fuse(root: Path) -> None:
-    import shutil
-    shutil.copy(root / "fuse" / "fuse.log", f"/tmp/fuse-debug-{root.parent.name}.log") if (root / "fuse" / "fuse.log").exists() else None
     from snapshotter.fuseproc import FuseConfig, FuseProcess
 
     fuse = FuseProcess(FuseConfig(root / "fuse" / "mnt", root / "fuse" / "control.sock",
