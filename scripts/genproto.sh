@@ -28,3 +28,18 @@ rm -f snapshotter/_pb/containerd/types/*_pb2_grpc.py
 for d in snapshotter/_pb $(find snapshotter/_pb/containerd -type d); do
   [ -f "$d/__init__.py" ] || : >"$d/__init__.py"
 done
+
+# A minimal CRI ImageService (Kubernetes' runtime.v1 API) -> tests/support/_cri/, for the tests
+# that pull through containerd's CRI plugin. Test support only: product code never imports it.
+# Compiled as k8s/cri/api.proto (a unique name in protobuf's descriptor pool), then flattened.
+CRI_TMP=$(mktemp -d)
+"$PY" -m grpc_tools.protoc -Iproto --python_out="$CRI_TMP" --pyi_out="$CRI_TMP" \
+  --grpc_python_out="$CRI_TMP" proto/k8s/cri/api.proto
+rm -rf tests/support/_cri
+mkdir -p tests/support/_cri
+mv "$CRI_TMP"/k8s/cri/api_pb2.py "$CRI_TMP"/k8s/cri/api_pb2.pyi "$CRI_TMP"/k8s/cri/api_pb2_grpc.py \
+  tests/support/_cri/
+rm -rf "$CRI_TMP"
+sed -i -E 's/^from k8s\.cri import api_pb2 as/from tests.support._cri import api_pb2 as/' \
+  tests/support/_cri/api_pb2_grpc.py
+: >tests/support/_cri/__init__.py
