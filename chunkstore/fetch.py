@@ -97,6 +97,11 @@ class Fetcher:
                 _, old = self._memory.popitem(last=False)
                 self._memory_total -= len(old)
 
+    def drop_memory(self) -> None:
+        with self._lock:
+            self._memory.clear()
+            self._memory_total = 0
+
     # -- public ------------------------------------------------------------
     def is_cached(self, ref: ChunkRef) -> bool:
         with self._lock:

@@ -172,12 +172,39 @@ def _add_pull(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=run)
 
 
+def _add_cache(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("cache", help="show or shrink the local chunk cache")
+    p.add_argument("--config", type=Path, help="zest's TOML file (default /etc/zest/config.toml)")
+    p.add_argument("--root", help="daemon root (overrides the configuration)")
+    csub = p.add_subparsers(dest="cache_command", required=True)
+    st = csub.add_parser("stats", help="chunks, bytes, hits and misses")
+    st.add_argument("--json", action="store_true")
+    pr = csub.add_parser("prune", help="delete least recently used chunks")
+    pr.add_argument("--keep-mb", type=int, default=0, help="MiB to keep (default 0: all go)")
+
+    def run(args: argparse.Namespace) -> int:
+        from snapshotter import cachecmd, config
+
+        cfg = config.load(args.config).with_overrides(root=args.root)
+        max_bytes = cfg.remote.cache_size_mb << 20
+        if args.cache_command == "stats":
+            stats = cachecmd.cache_stats(cfg.root, max_bytes)
+            print(cachecmd.format_stats(stats, args.json))
+        else:
+            removed = cachecmd.cache_prune(cfg.root, args.keep_mb << 20, max_bytes)
+            print(f"removed {removed} chunks")
+        return 0
+
+    p.set_defaults(func=run)
+
+
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     _add_convert,
     _add_inspect,
     _add_snapshotter,
     _add_config,
     _add_pull,
+    _add_cache,
 ]
 
 

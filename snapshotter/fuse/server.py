@@ -115,7 +115,10 @@ class Server:
                 else c.__dict__, "pid": os.getpid()}
 
     def op_prune(self, req: dict[str, Any]) -> dict[str, Any]:
-        return {"removed": self.cache.prune(int(req.get("target_bytes", 0)))}
+        target = int(req.get("target_bytes", 0))
+        if target == 0:
+            self.fetcher.drop_memory()
+        return {"removed": self.cache.prune(target)}
 
     def op_metrics(self, req: dict[str, Any]) -> dict[str, Any]:
         from snapshotter.fuse.metricsfmt import render

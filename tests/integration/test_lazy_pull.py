@@ -290,3 +290,18 @@ def _rebuild_with_extra_file(registry: LocalRegistry, repo_tag: str, tmp_path: P
     assert hashlib.sha256(tars[-1]).hexdigest()
     zest("convert", "--no-progress", f"oci:{layout}:latest", f"{registry.host}/lazy/python:v2")
     return "lazy/python:v2"
+
+
+def test_cache_stats_and_prune(node_factory: Callable[..., Node], busybox_image: str) -> None:
+    node = node_factory()
+    node.pull(busybox_image)
+    assert node.run(busybox_image, "sh", "-c", "cat /bin/busybox | wc -c").strip() != "0"
+    root = str(node.zsd.root)
+    stats = json.loads(zest("cache", "--root", root, "stats", "--json").stdout)
+    assert stats["source"] == "fuse process" and stats["chunks"] > 0 and stats["bytes"] > 0
+    assert "removed" in zest("cache", "--root", root, "prune").stdout
+    assert json.loads(zest("cache", "--root", root, "stats", "--json").stdout)["chunks"] == 0
+    before = node.link.bytes_sent
+    subprocess.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], check=False)
+    assert node.run(busybox_image, "sh", "-c", "echo after prune").strip() == "after prune"
+    assert node.link.bytes_sent > before  # chunks fetched again, verified, served
