@@ -30,13 +30,12 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 from tests.support import images
 from tests.support.containerd import Containerd, proxy_plugin_toml
 from tests.support.registry import LocalRegistry
-from tests.support.snapshotterd import Snapshotterd, SnapshotsClient
+from tests.support.snapshotterd import SnapshotsClient, Snapshotterd
 
 RESULTS = Path(__file__).parent / "results"
 GC_ROOT = {"containerd.io/gc.root": "bench"}
@@ -93,17 +92,12 @@ def measure_pulls(ctrd: Containerd, ref: str, pulls: int) -> dict[str, list[floa
     order = ["overlayfs", "zest"]
     for i in range(pulls):
         for sn in order if i % 2 == 0 else list(reversed(order)):
+            os.sync()  # the previous round's writes and deletions do not land in this one
             t0 = time.perf_counter()
             ctrd.ctr("images", "pull", "--plain-http", "--snapshotter", sn, ref, timeout=1200)
             times[sn].append(time.perf_counter() - t0)
             ctrd.ctr("images", "rm", "--sync", ref)  # GC: content and snapshots go
     return times
-
-
-def _timed(what: str, fn: Callable[[], object]) -> None:
-    t0 = time.perf_counter()
-    fn()
-    print(f"  {what}: {time.perf_counter() - t0:.1f}s", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
