@@ -104,6 +104,8 @@ class RemoteConfig:
     unpack_parallel: int = 3
     # Comma-separated registry hosts spoken to over plain http (loopback hosts always are).
     plain_http_hosts: str = ""
+    # containerd's registry config_path: <host>/hosts.toml mirrors are read first.
+    hosts_dir: Path = Path("/etc/containerd/certs.d")
     # Stop the FUSE process (unmounting every lazy layer) when the daemon stops. Off: a
     # restart or upgrade of the daemon leaves running containers untouched.
     stop_fuse_on_exit: bool = False

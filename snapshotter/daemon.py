@@ -91,6 +91,7 @@ def _snapshotter(config: Config, store: MetaStore, fuse: FuseProcess | None) -> 
     mounter = None
     if fuse is not None:
         mounter = RemoteLayers(config.root, fuse, plain_http_hosts=config.remote.plain_http,
+                               hosts_dir=config.remote.hosts_dir,
                                unpack=config.remote.unpack,
                                unpack_parallel=config.remote.unpack_parallel)
     return Snapshotter(

@@ -74,8 +74,9 @@ def _mount_state(path: Path, fuse_root: Path) -> str:
 
 class RemoteLayers:
     def __init__(self, root: Path, fuse: FuseProcess, *, plain_http_hosts: frozenset[str] = (
-            frozenset()), unpack: bool = True, unpack_parallel: int = 3,
-            prefetch: bool = True):
+            frozenset()), hosts_dir: Path | None = None, unpack: bool = True,
+            unpack_parallel: int = 3, prefetch: bool = True):
+        self.hosts_dir = hosts_dir
         self.root = root
         self.fuse = fuse
         self.plain_http_hosts = plain_http_hosts
@@ -93,8 +94,8 @@ class RemoteLayers:
         with self._lock:
             c = self._clients.get(host)
             if c is None:
-                c = self._clients[host] = RegistryClient(
-                    host, plain_http=host in self.plain_http_hosts)
+                c = self._clients[host] = RegistryClient.for_host(
+                    host, self.hosts_dir, plain_http=host in self.plain_http_hosts)
             return c
 
     def _manifest_and_config(self, client: RegistryClient, repo: str,
@@ -189,7 +190,8 @@ class RemoteLayers:
         return {"kind": "lazy", "name": str(sid), "slot": sid, "toc_path": str(toc_file),
                 "toc_digest": str(footer.toc_digest), "what": what,
                 "source": {"kind": "registry", "host": host, "repo": repo, "digest": digest,
-                           "plain_http": host in self.plain_http_hosts}}
+                           "plain_http": host in self.plain_http_hosts,
+                           "hosts_dir": str(self.hosts_dir) if self.hosts_dir else None}}
 
     def _unpack(self, client: RegistryClient, repo: str, manifest: dict[str, Any],
                 config: dict[str, Any], index: int, mountpoint: Path,

@@ -71,10 +71,12 @@ class Server:
         if spec.get("kind") != "registry":
             raise ValueError(f"unknown blob source {spec.get('kind')!r}")
         key = (spec["host"], bool(spec.get("plain_http")))
+        hosts_dir = spec.get("hosts_dir")
         with self._clients_lock:
             client = self._clients.get(key)
             if client is None:
-                client = self._clients[key] = RegistryClient(key[0], plain_http=key[1])
+                client = self._clients[key] = RegistryClient.for_host(
+                    key[0], Path(hosts_dir) if hosts_dir else None, plain_http=key[1])
         return _RegistryBlob(client, spec["repo"], spec["digest"])
 
     # -- control ops -----------------------------------------------------------
