@@ -56,6 +56,13 @@ class CriNode:
     link: LinkProxy
     cri: CriClient
 
+    @property
+    def runc_root(self) -> Path:
+        """runc's state dir for our containers. The CRI images live in the `k8s.io` namespace,
+        whose default runc root (/run/containerd/runc/k8s.io) every containerd with CRI shares;
+        a private one keeps concurrent test runs from seeing, or sweeping, each other's."""
+        return self.ctrd.base_dir / "runc"
+
     def ref(self, repo_tag: str) -> str:
         return f"{self.link.host}/{repo_tag}"
 
@@ -97,11 +104,26 @@ def cri_node(registry: LocalRegistry, tmp_path: Path) -> Iterator[CriNode]:
             with CriClient(ctrd.address) as cri:
                 yield CriNode(zsd, ctrd, link, cri)
         finally:
+            ctrd.stop(keep_dirs=True)
+            _delete_runc_leftovers(ctrd.base_dir / "runc")
             ctrd.stop()
             if zsd.running:
                 zsd.stop()
             _stop_fuse(zsd.root)
             zsd.remove()
+
+
+def _delete_runc_leftovers(runc_root: Path) -> None:
+    """Containers a killed shim left running under our private runc root."""
+    if not runc_root.is_dir():
+        return
+    for entry in runc_root.iterdir():
+        subprocess.run(
+            ["runc", "--root", str(runc_root), "delete", "--force", entry.name],
+            capture_output=True,
+            check=False,
+            timeout=30,
+        )
 
 
 def _stop_fuse(root: Path) -> None:
@@ -168,6 +190,8 @@ def test_cri_pull_is_lazy_and_runs(
         "run",
         "--snapshotter",
         "zest",
+        "--runc-root",
+        node.runc_root,
         "--rm",
         ref,
         f"cri-{uuid.uuid4().hex[:8]}",
