@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -77,6 +78,10 @@ class Fetcher:
         self._memory: OrderedDict[bytes, bytes] = OrderedDict()
         self._memory_total = 0
         self._local = threading.local()
+        # monotonic time of the last on-demand fetch that went to the network; background work
+        # waits until reads have been quiet for a while (see snapshotter.fuse.prefetch)
+        self.last_demand_fetch = 0.0
+        self.demand_in_flight = 0
 
     # -- memory tier -------------------------------------------------------
     def _mem_get(self, digest: bytes) -> bytes | None:
@@ -109,8 +114,13 @@ class Fetcher:
                 return True
         return Digest(ref.digest) in self.cache
 
-    def get(self, source: RangeSource, refs: Sequence[ChunkRef], what: str = "") -> list[bytes]:
-        """The uncompressed, verified bytes of each chunk, in the order asked."""
+    def get(self, source: RangeSource, refs: Sequence[ChunkRef], what: str = "",
+            demand: bool = True, readahead: Sequence[ChunkRef] = ()) -> list[bytes]:
+        """The uncompressed, verified bytes of each chunk, in the order asked. `demand=False`
+        marks background work, which does not count as read activity. `readahead`: chunks
+        that follow in the blob; when the asked ones must be fetched, those of them that are
+        not cached ride along in the same range request (a round trip costs more than the
+        bytes), and are cached but not returned."""
         found: dict[bytes, bytes] = {}
         missing: list[ChunkRef] = []
         for ref in refs:
@@ -125,9 +135,30 @@ class Fetcher:
                 missing.append(ref)
             else:
                 found[ref.digest] = data
+        if missing and readahead:
+            want = {r.digest for r in missing}
+            missing += [r for r in readahead if r.digest not in want and r.digest not in found
+                        and not self.is_cached(r)]
         if missing:
-            found.update(self._fetch(source, missing, what))
+            if demand:
+                with self._lock:
+                    self.demand_in_flight += 1
+                try:
+                    found.update(self._fetch(source, missing, what))
+                finally:
+                    with self._lock:
+                        self.demand_in_flight -= 1
+                        self.last_demand_fetch = time.monotonic()
+            else:
+                found.update(self._fetch(source, missing, what))
         return [found[r.digest] for r in refs]
+
+    def quiet_for(self) -> float:
+        """Seconds since the last on-demand network fetch ended (0 while one is running)."""
+        with self._lock:
+            if self.demand_in_flight:
+                return 0.0
+            return time.monotonic() - self.last_demand_fetch
 
     def _fetch(self, source: RangeSource, refs: list[ChunkRef], what: str) -> dict[bytes, bytes]:
         owned: list[ChunkRef] = []

@@ -98,6 +98,10 @@ class RemoteConfig:
     background_prefetch: bool = True
     # Range requests prefetch may have in flight at once, over all layers.
     prefetch_parallel: int = 4
+    # On a read that must go to the registry, also fetch this many KiB of the chunks that
+    # follow in the blob (neighbouring files), in the same request: about the link's
+    # bandwidth times its round-trip time. 0 turns it off.
+    readahead_kb: int = 256
     # Fetch and unpack layers that are not in zest's format (so containerd downloads nothing).
     unpack: bool = True
     # Blobs of such layers downloaded at once.

@@ -51,6 +51,8 @@ def run(config: Config) -> int:
         metrics = None
         try:
             snapshotter = _snapshotter(config, store, fuse)
+            if fuse is not None:
+                fuse.ensure()  # up before the first Prepare: a pull should not wait for it
             snapshotter.restore()
             _install_signal_handlers(stop)
             server = _serve(snapshotter, config.grpc)
@@ -83,7 +85,8 @@ def _fuse_process(config: Config) -> FuseProcess:
         mountpoint=fuse_dir / "mnt", control=fuse_dir / "control.sock",
         cache_dir=config.root / "cache", cache_size=config.remote.cache_size_mb << 20,
         log_file=fuse_dir / "fuse.log", background_prefetch=config.remote.background_prefetch,
-        prefetch_parallel=config.remote.prefetch_parallel, log_level=config.log_level))
+        prefetch_parallel=config.remote.prefetch_parallel,
+        readahead=config.remote.readahead_kb << 10, log_level=config.log_level))
 
 
 def _snapshotter(config: Config, store: MetaStore, fuse: FuseProcess | None) -> Snapshotter:

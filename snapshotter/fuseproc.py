@@ -31,6 +31,7 @@ class FuseConfig:
     log_file: Path
     background_prefetch: bool = True
     prefetch_parallel: int = 4
+    readahead: int = 512 * 1024
     log_level: str = "info"
 
 
@@ -64,6 +65,7 @@ class FuseProcess:
                "--mountpoint", str(cfg.mountpoint), "--control", str(cfg.control),
                "--cache-dir", str(cfg.cache_dir), "--cache-size", str(cfg.cache_size),
                "--prefetch-parallel", str(cfg.prefetch_parallel),
+               "--readahead", str(cfg.readahead),
                "--log-level", cfg.log_level, "--ready-fd", str(write_fd)]
         if not cfg.background_prefetch:
             cmd.append("--no-background-prefetch")

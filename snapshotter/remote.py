@@ -86,7 +86,7 @@ class RemoteLayers:
         self.tocs.mkdir(parents=True, exist_ok=True)
         self.blobs = BlobDownloads(root / "blobs", unpack_parallel)
         self._clients: dict[str, RegistryClient] = {}
-        self._manifests: OrderedDict[str, tuple[dict[str, Any], dict[str, Any]]] = OrderedDict()
+        self._manifests: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._lock = threading.Lock()
 
     # -- registry --------------------------------------------------------------
@@ -98,26 +98,30 @@ class RemoteLayers:
                     host, self.hosts_dir, plain_http=host in self.plain_http_hosts)
             return c
 
-    def _manifest_and_config(self, client: RegistryClient, repo: str,
-                             digest: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    def _manifest(self, client: RegistryClient, repo: str, digest: str) -> dict[str, Any]:
         with self._lock:
             hit = self._manifests.get(digest)
         if hit is not None:
             return hit
         m = client.get_manifest(repo, digest)  # verified against the digest
-        manifest = json.loads(m.data)
+        manifest: dict[str, Any] = json.loads(m.data)
         if m.media_type not in st.MANIFEST_TYPES:
             raise NotServable(f"{digest} is a {m.media_type}, not an image manifest")
+        with self._lock:
+            self._manifests[digest] = manifest
+            while len(self._manifests) > 64:
+                self._manifests.popitem(last=False)
+        return manifest
+
+    def _config(self, client: RegistryClient, repo: str,
+                manifest: dict[str, Any]) -> dict[str, Any]:
+        """The image config (only layers that are unpacked need it, for their DiffIDs)."""
         cdesc = manifest["config"]
         with client.open_blob(repo, cdesc["digest"]) as f:
             raw = f.read(int(cdesc["size"]) + 1)
         Digest.parse(cdesc["digest"]).verify(raw, "image config")
-        result = (manifest, json.loads(raw))
-        with self._lock:
-            self._manifests[digest] = result
-            while len(self._manifests) > 64:
-                self._manifests.popitem(last=False)
-        return result
+        config: dict[str, Any] = json.loads(raw)
+        return config
 
     def _find_manifest(self, client: RegistryClient, repo: str, reference: str,
                        layer_digest: str) -> str:
@@ -149,7 +153,7 @@ class RemoteLayers:
         client = self._client(ref.api_host)
         manifest_digest = req.manifest_digest or self._find_manifest(
             client, ref.repository, ref.reference or "latest", req.layer_digest)
-        manifest, config = self._manifest_and_config(client, ref.repository, manifest_digest)
+        manifest = self._manifest(client, ref.repository, manifest_digest)
         layers = manifest.get("layers") or []
         index = next((i for i, d in enumerate(layers) if d["digest"] == req.layer_digest), None)
         if index is None:
@@ -159,6 +163,7 @@ class RemoteLayers:
         what = f"{req.image_ref} layer {index + 1}/{len(layers)} {req.layer_digest}"
         footer = fmt.footer_from_annotations(desc.get("annotations") or {})
         if footer is None:
+            config = self._config(client, ref.repository, manifest)
             state = self._unpack(client, ref.repository, manifest, config, index, mountpoint,
                                  what)
         else:
@@ -179,9 +184,7 @@ class RemoteLayers:
             def read(off: int, n: int) -> bytes:
                 return client.read_range(repo, digest, off, n)
 
-            tail = tocmod.read_footer(read, int(desc["size"]))
-            if tail != footer:
-                raise NotServable(f"{what}: footer disagrees with the manifest annotations")
+            # one range request: the annotations (covered by the manifest digest) locate it
             payload = read(footer.toc_offset, footer.toc_size)
             toc = fmt.decode_toc(payload, footer.toc_digest)  # verifies the digest
             tocmod.check_chunk_table(toc, int(desc["size"]))

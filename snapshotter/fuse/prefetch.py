@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from chunkstore.fetch import ChunkRef, Fetcher
@@ -17,14 +18,20 @@ from snapshotter.fuse.layers import Layer
 
 log = logging.getLogger(__name__)
 
-_BATCH_BYTES = 4 * 1024 * 1024  # one range request per batch of neighbouring chunks
+_BATCH_BYTES = 4 * 1024 * 1024  # one range request per batch of the prefetch list
+_BACKGROUND_BATCH_BYTES = 1024 * 1024  # smaller: a read never waits long behind one
+_QUIET_SECONDS = 2.0  # background fetching waits until on-demand reads paused this long
 
 
 class Prefetcher:
-    def __init__(self, fetcher: Fetcher, *, parallel: int = 4, background: bool = True):
+    def __init__(self, fetcher: Fetcher, *, parallel: int = 4, background: bool = True,
+                 quiet_seconds: float = _QUIET_SECONDS):
         self.fetcher = fetcher
         self.background = background
+        self.quiet_seconds = quiet_seconds
         self._pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="zest-prefetch")
+        # the background rest goes one request at a time, so a read waits behind one at most
+        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zest-bg")
         self._stopped: set[str] = set()
         self._lock = threading.Lock()
 
@@ -40,42 +47,59 @@ class Prefetcher:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._background.shutdown(wait=False, cancel_futures=True)
 
     def _run(self, layer: Layer) -> None:
+        mounted = time.monotonic()
         try:
             by_offset = {r.blob_offset: r for r in layer.tree.all_chunks()}
             first = [by_offset[o] for o in layer.tree.toc.prefetch if o in by_offset]
             rest = sorted(set(by_offset.values()) - set(first), key=lambda r: r.blob_offset)
             todo = first + (rest if self.background else [])
             layer.prefetch_total = len(todo)
-            self._fetch_all(layer, first, ordered=True)
+            self._fetch_all(layer, first, ordered=True, mounted=mounted)
             if self.background:
-                self._fetch_all(layer, rest, ordered=False)
+                self._fetch_all(layer, rest, ordered=False, mounted=mounted)
             log.info("prefetch finished", extra={"kv": {"layer": layer.what,
                                                         "chunks": layer.prefetch_done}})
         except Exception as exc:  # prefetch is best effort; reads fetch on demand
             log.warning("prefetch stopped", extra={"kv": {"layer": layer.what, "error": exc}})
 
-    def _fetch_all(self, layer: Layer, refs: list[ChunkRef], ordered: bool) -> None:
+    def _fetch_all(self, layer: Layer, refs: list[ChunkRef], ordered: bool,
+                   mounted: float) -> None:
+        """`ordered`: the prefetch list, fetched at once. Otherwise the background rest,
+        which yields the link to on-demand reads (a shared link is the bottleneck)."""
+        limit = _BATCH_BYTES if ordered else _BACKGROUND_BATCH_BYTES
         batches: list[list[ChunkRef]] = []
         size = 0
         for r in refs:
             if self.fetcher.is_cached(r):
                 layer.prefetch_done += 1
                 continue
-            if not batches or size + r.compressed_size > _BATCH_BYTES or (
+            if not batches or size + r.compressed_size > limit or (
                     ordered and len(batches[-1]) >= 64):
                 batches.append([])
                 size = 0
             batches[-1].append(r)
             size += r.compressed_size
-        futures = [self._pool.submit(self._fetch_batch, layer, b) for b in batches]
+        pool = self._pool if ordered else self._background
+        futures = [pool.submit(self._fetch_batch, layer, b, not ordered, mounted)
+                   for b in batches]
         for f in futures:
             f.result()
 
-    def _fetch_batch(self, layer: Layer, batch: list[ChunkRef]) -> None:
+    def _fetch_batch(self, layer: Layer, batch: list[ChunkRef], background: bool,
+                     mounted: float) -> None:
+        while background:  # wait for the link to be ours: no read for quiet_seconds
+            with self._lock:
+                if layer.name in self._stopped:
+                    return
+            quiet = min(self.fetcher.quiet_for(), time.monotonic() - mounted)
+            if quiet >= self.quiet_seconds:
+                break
+            time.sleep(max(0.05, self.quiet_seconds - quiet))
         with self._lock:
             if layer.name in self._stopped:
                 return
-        self.fetcher.get(layer.source, batch, f"{layer.what} (prefetch)")
+        self.fetcher.get(layer.source, batch, f"{layer.what} (prefetch)", demand=False)
         layer.prefetch_done += len(batch)

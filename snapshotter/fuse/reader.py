@@ -17,8 +17,9 @@ log = logging.getLogger(__name__)
 
 
 class Reader:
-    def __init__(self, fetcher: Fetcher):
+    def __init__(self, fetcher: Fetcher, readahead: int = 512 * 1024):
         self.fetcher = fetcher
+        self.readahead = readahead  # compressed bytes after a miss that ride along
 
     def read(self, layer: Layer, local: int, offset: int, size: int) -> bytes:
         started = time.monotonic()
@@ -30,7 +31,8 @@ class Reader:
         if not refs:
             return b""
         what = f"{layer.what} file /{e.name.decode(errors='replace')}"
-        datas = self.fetcher.get(layer.source, refs, what)
+        extra = layer.tree.following(refs[-1], self.readahead) if self.readahead else []
+        datas = self.fetcher.get(layer.source, refs, what, readahead=extra)
         buf = b"".join(datas) if len(datas) > 1 else datas[0]
         out = buf[offset - first : end - first]
         READ_LATENCY.observe(time.monotonic() - started)

@@ -51,16 +51,15 @@ class _RegistryBlob:
 
 class Server:
     def __init__(self, mountpoint: Path, cache: ChunkCache, *, background_prefetch: bool,
-                 prefetch_parallel: int, hosts_dir: str | None = None):
+                 prefetch_parallel: int, readahead: int = 512 * 1024):
         self.mountpoint = mountpoint
         self.cache = cache
         self.fetcher = Fetcher(cache)
         self.layers = LayerSet()
-        self.reader = Reader(self.fetcher)
+        self.reader = Reader(self.fetcher, readahead)
         self.prefetcher = Prefetcher(self.fetcher, parallel=prefetch_parallel,
                                      background=background_prefetch)
         self.ops = Operations(self.layers, self.reader)
-        self.hosts_dir = hosts_dir
         self._clients: dict[tuple[str, bool], RegistryClient] = {}
         self._clients_lock = threading.Lock()
 
@@ -209,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-size", type=int, default=10 * 1024**3)
     ap.add_argument("--no-background-prefetch", action="store_true")
     ap.add_argument("--prefetch-parallel", type=int, default=4)
+    ap.add_argument("--readahead", type=int, default=512 * 1024)
     ap.add_argument("--ready-fd", type=int)
     ap.add_argument("--log-level", default="info")
     args = ap.parse_args(argv)
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     mountpoint.mkdir(parents=True, exist_ok=True)
     server = Server(mountpoint, ChunkCache(args.cache_dir, args.cache_size),
                     background_prefetch=not args.no_background_prefetch,
-                    prefetch_parallel=args.prefetch_parallel)
+                    prefetch_parallel=args.prefetch_parallel, readahead=args.readahead)
     options = {"fsname=zest", "subtype=zest", "ro", "allow_other", "default_permissions"}
     pyfuse3.init(server.ops, str(mountpoint), options)
     log.info("FUSE process serving", extra={"kv": {"mountpoint": mountpoint, "pid": os.getpid()}})

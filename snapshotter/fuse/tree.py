@@ -50,6 +50,8 @@ class LayerTree:
         self.nodes: dict[int, Node] = {ROOT: Node(-1, stat.S_IFDIR | 0o755, ROOT, {}, 2)}
         self._next_synth = len(toc.entries) + 2
         self._offsets: dict[int, list[int]] = {}
+        self._blob_order: list[ChunkRef] | None = None
+        self._blob_offsets: list[int] = []
         for k, e in enumerate(toc.entries):
             self._add(k, e)
 
@@ -171,12 +173,27 @@ class LayerTree:
 
     def all_chunks(self) -> list[ChunkRef]:
         """Every distinct chunk, in blob order."""
-        seen: set[bytes] = set()
-        out = []
-        for e in self.toc.entries:
-            for c in e.chunks:
-                if c.digest not in seen:
-                    seen.add(c.digest)
-                    out.append(ChunkRef(c.digest, c.blob_offset, c.compressed_size, c.size))
-        out.sort(key=lambda r: r.blob_offset)
+        if self._blob_order is None:
+            seen: set[bytes] = set()
+            out = []
+            for e in self.toc.entries:
+                for c in e.chunks:
+                    if c.digest not in seen:
+                        seen.add(c.digest)
+                        out.append(ChunkRef(c.digest, c.blob_offset, c.compressed_size, c.size))
+            out.sort(key=lambda r: r.blob_offset)
+            self._blob_order = out
+            self._blob_offsets = [r.blob_offset for r in out]
+        return self._blob_order
+
+    def following(self, last: ChunkRef, nbytes: int) -> list[ChunkRef]:
+        """The chunks after `last` in the blob, up to nbytes of compressed data."""
+        order = self.all_chunks()
+        i = bisect_right(self._blob_offsets, last.blob_offset)
+        out: list[ChunkRef] = []
+        total = 0
+        while i < len(order) and total < nbytes:
+            out.append(order[i])
+            total += order[i].compressed_size
+            i += 1
         return out

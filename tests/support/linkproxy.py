@@ -14,6 +14,7 @@ Standard library only.
 from __future__ import annotations
 
 import http.client
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -98,6 +99,11 @@ def _handler(proxy: LinkProxy) -> type[BaseHTTPRequestHandler]:
 
         def log_message(self, format: str, *args: object) -> None:
             pass
+
+        def setup(self) -> None:
+            super().setup()
+            # like real registries (Go sets it by default): no Nagle delay on small writes
+            self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
         def do_GET(self) -> None:
             self._forward()
