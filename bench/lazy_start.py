@@ -96,16 +96,9 @@ def _zest_round(base: Path, link: LinkProxy, ref: str, config: str) -> dict[str,
                     "requests": len(link.requests)}
     finally:
         zsd.stop()
-        _stop_fuse(zsd.root)
         zsd.remove()
 
 
-def _stop_fuse(root: Path) -> None:
-    from snapshotter.fuseproc import FuseConfig, FuseProcess
-
-    FuseProcess(FuseConfig(root / "fuse/mnt", root / "fuse/control.sock", root / "cache", 1,
-                           root / "fuse/fuse.log")).stop()
-    subprocess.run(["umount", "-l", str(root / "fuse/mnt")], capture_output=True)
 
 
 def _read_all(path: Path) -> float:
@@ -148,12 +141,12 @@ def _fuse_throughput(base: Path, registry: LocalRegistry) -> dict[str, float]:
             disk = _read_all(local)
     finally:
         zsd.stop()
-        _stop_fuse(zsd.root)
         zsd.remove()
     mb = size / 1e6
     return {"fuse_cold_mb_s": round(mb / cold, 1), "fuse_warm_mb_s": round(mb / warm, 1),
             "local_disk_mb_s": round(mb / disk, 1),
-            "warm_vs_disk_ratio": round(disk / warm, 2), "cold_vs_disk_ratio": round(disk / cold, 2)}
+            "warm_vs_disk_ratio": round(disk / warm, 2),
+            "cold_vs_disk_ratio": round(disk / cold, 2)}
 
 
 def main() -> int:

@@ -115,18 +115,10 @@ def node_factory(registry: LocalRegistry, tmp_path: Path) -> Iterator[Callable[.
         node.ctrd.stop()
         if node.zsd.running:
             node.zsd.stop()
-        _stop_fuse(node.zsd.root)
         node.zsd.remove()
         node.link.__exit__(None, None, None)
 
 
-def _stop_fuse(root: Path) -> None:
-    from snapshotter.fuseproc import FuseConfig, FuseProcess
-
-    fuse = FuseProcess(FuseConfig(root / "fuse" / "mnt", root / "fuse" / "control.sock",
-                                  root / "cache", 1, root / "fuse" / "fuse.log"))
-    fuse.stop()
-    subprocess.run(["umount", "-l", str(root / "fuse" / "mnt")], capture_output=True)
 
 
 def blob_bytes(registry: LocalRegistry, repo_tag: str) -> int:

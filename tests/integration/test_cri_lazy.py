@@ -109,7 +109,6 @@ def cri_node(registry: LocalRegistry, tmp_path: Path) -> Iterator[CriNode]:
             ctrd.stop()
             if zsd.running:
                 zsd.stop()
-            _stop_fuse(zsd.root)
             zsd.remove()
 
 
@@ -125,22 +124,6 @@ def _delete_runc_leftovers(runc_root: Path) -> None:
             timeout=30,
         )
 
-
-def _stop_fuse(root: Path) -> None:
-    """The daemon's FUSE process outlives the daemon by design; tests stop it themselves."""
-    from snapshotter.fuseproc import FuseConfig, FuseProcess
-
-    fuse = FuseProcess(
-        FuseConfig(
-            root / "fuse" / "mnt",
-            root / "fuse" / "control.sock",
-            root / "cache",
-            1,
-            root / "fuse" / "fuse.log",
-        )
-    )
-    fuse.stop()
-    subprocess.run(["umount", "-l", str(root / "fuse" / "mnt")], capture_output=True)
 
 
 def _layer_sizes(registry: LocalRegistry, repo_tag: str) -> dict[str, int]:

@@ -149,10 +149,21 @@ class Snapshotterd:
             self.proc.kill()
             self.proc.wait(timeout=10)
 
+    def stop_fuse(self) -> None:
+        """Stop the daemon's FUSE process, which outlives the daemon by design."""
+        from snapshotter.fuseproc import FuseConfig, FuseProcess
+
+        fuse = self.root / "fuse"
+        FuseProcess(FuseConfig(fuse / "mnt", fuse / "control.sock", self.root / "cache", 1,
+                               fuse / "fuse.log")).stop()
+        subprocess.run(["umount", "-l", str(fuse / "mnt")], capture_output=True, check=False)
+
     def remove(self) -> None:
-        """Stop if running, then delete the dirs (unmounting whatever is left under them)."""
+        """Stop if running (and its FUSE process), then delete the dirs (unmounting whatever
+        is left under them)."""
         if self.running:
             self.kill()
+        self.stop_fuse()
         if not self.root.is_relative_to(self.base_dir):
             unmount_under(self.root)  # a root the caller owns: unmounted, but kept
         remove_tree(self.base_dir)
