@@ -35,6 +35,7 @@ from pathlib import Path
 
 from tests.support import images
 from tests.support.containerd import Containerd, proxy_plugin_toml
+from tests.support.mounts import remove_tree
 from tests.support.registry import LocalRegistry
 from tests.support.snapshotterd import SnapshotsClient, Snapshotterd
 
@@ -168,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             ctrd.stop()
         registry.stop()
         zsd.remove()
+        remove_tree(work)
 
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "snapshot_ops.json").write_text(json.dumps(results, indent=2) + "\n")
