@@ -60,6 +60,10 @@ class LinkProxy:
         self.rtt = rtt_ms / 1000
         self.bucket = _Bucket(mbit * 1e6 / 8)
         self.requests: list[Request] = []
+        # fault injection: the next `corrupt_ranges` responses to Range requests get a byte
+        # flipped in every 4 KiB of their body, the first one included (a broken middlebox,
+        # a bad disk on the registry)
+        self.corrupt_ranges = 0
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._server.daemon_threads = True
@@ -77,6 +81,13 @@ class LinkProxy:
     def reset(self) -> None:
         with self._lock:
             self.requests.clear()
+
+    def take_corruption(self) -> bool:
+        with self._lock:
+            if self.corrupt_ranges > 0:
+                self.corrupt_ranges -= 1
+                return True
+            return False
 
     def record(self, req: Request) -> None:
         with self._lock:
@@ -136,6 +147,12 @@ def _handler(proxy: LinkProxy) -> type[BaseHTTPRequestHandler]:
                 if clen is None:
                     self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
+                if (self.command == "GET" and resp.status == 206
+                        and proxy.take_corruption()):
+                    data = bytearray(data or resp.read())
+                    for i in range(0, len(data), 4096):
+                        data[i] ^= 0xFF
+                    data = bytes(data)
                 if self.command != "HEAD":
                     while True:
                         piece = data[:_PIECE] if data else resp.read(_PIECE)
