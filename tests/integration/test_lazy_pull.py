@@ -13,7 +13,6 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
@@ -125,55 +124,6 @@ def test_restart_after_fuse_process_died(node_factory: Callable[..., Node],
     node.restart_daemon()  # re-mounts every remote layer from its metadata before serving
     assert node.fuse_call("ping")["pid"] != pid
     assert node.run(python_image, "python3", "-c", "print('again')").strip() == "again"
-
-
-def test_shared_chunks_fetched_once(node_factory: Callable[..., Node], python_image: str,
-                                    registry: LocalRegistry, tmp_path: Path) -> None:
-    """A second image whose layers differ but whose files are the same fetches almost nothing."""
-    from tests.support import ocibuild as ob
-
-    node = node_factory()
-    node.pull(python_image)
-    node.run(python_image, "python3", "-c", "import json; print('hello')")
-    # the same python layer repacked with one more file: new layer digest, same file chunks
-    src = f"{registry.host}/{python_image}"
-    layout = tmp_path / "v2"
-    zest("convert", "--no-progress", src, f"oci:{layout}:v2")
-    idx = json.loads((layout / "index.json").read_text())
-    _ = idx, ob  # the layout is rebuilt below from the unpacked layers
-    v2 = _rebuild_with_extra_file(registry, python_image, tmp_path)
-    before = node.link.bytes_sent
-    node.pull(v2)
-    assert node.run(v2, "python3", "-c", "import json; print('hello')").strip() == "hello"
-    second = node.link.bytes_sent - before
-    assert second < 0.25 * before, (before, second)
-
-
-def _rebuild_with_extra_file(registry: LocalRegistry, repo_tag: str, tmp_path: Path) -> str:
-    """Converts a copy of the image whose top layer has one extra file appended."""
-    import gzip
-    import hashlib
-
-    import httpx
-
-    from tests.support import ocibuild as ob
-
-    repo, tag = repo_tag.rsplit(":", 1)
-    base = f"http://{registry.host}/v2/{repo}"
-    m = httpx.get(f"{base}/manifests/{tag}",
-                  headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}).json()
-    tars = [subprocess.run(["zstd", "-d", "-c"], input=httpx.get(f"{base}/blobs/{d['digest']}",
-                           follow_redirects=True).content, capture_output=True,
-                           check=True).stdout for d in m["layers"]]
-    extra = ob.make_tar({"etc/zest-v2": b"version 2\n"})
-    tars[-1] = tars[-1].rstrip(b"\0") + bytes(-len(tars[-1].rstrip(b"\0")) % 512)
-    tars[-1] = tars[-1][: len(tars[-1])] + extra
-    layout = ob.write_image(tmp_path / "v2src", ob.Image(
-        [ob.Layer(t, blob=gzip.compress(t, compresslevel=1)) for t in tars],
-        cmd=["python3"]))
-    assert hashlib.sha256(tars[-1]).hexdigest()
-    zest("convert", "--no-progress", f"oci:{layout}:latest", f"{registry.host}/lazy/python:v2")
-    return "lazy/python:v2"
 
 
 def test_cache_stats_and_prune(node_factory: Callable[..., Node], busybox_image: str) -> None:
