@@ -198,6 +198,36 @@ def _add_cache(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(func=run)
 
 
+def _add_optimize(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    import os
+
+    p = sub.add_parser(
+        "optimize",
+        help="record what a workload reads first and push the image with a prefetch list",
+        description="Pulls SRC (a converted image) lazily through the zest daemon, runs CMD "
+        "(default: the image's own) in a container, records the chunks it reads in "
+        "first-touch order, writes them as each layer's prefetch list and pushes DST.",
+    )
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS... (default: image's)")
+    p.add_argument("--address", default=os.environ.get(
+        "CONTAINERD_ADDRESS", "/run/containerd/containerd.sock"))
+    p.add_argument("--namespace", default=os.environ.get("CONTAINERD_NAMESPACE", "default"))
+    p.add_argument("--zest-root", default="/var/lib/zest", help="the zest daemon's root")
+    p.add_argument("--timeout", type=float, default=60, help="seconds the workload may run")
+    p.add_argument("--ready", help="stop recording when the output contains this text")
+    p.add_argument("--plain-http", action="store_true")
+    p.add_argument("--tmpdir", help="where rewritten layers are staged")
+
+    def run(args: argparse.Namespace) -> int:
+        from snapshotter.optimize import run_optimize
+
+        return run_optimize(args)
+
+    p.set_defaults(func=run)
+
+
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     _add_convert,
     _add_inspect,
@@ -205,6 +235,7 @@ _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]
     _add_config,
     _add_pull,
     _add_cache,
+    _add_optimize,
 ]
 
 

@@ -9,7 +9,6 @@ alone says which layer it belongs to, with no table to keep in sync.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from chunkstore.fetch import RangeSource
 from snapshotter.fuse.tree import LayerTree
 
 SLOT_SHIFT = 32
+_MAX_PROFILE = 1_000_000  # chunks recorded per layer at most
 LOCAL_MASK = (1 << SLOT_SHIFT) - 1
 MOUNT_ROOT = 1
 
@@ -48,9 +48,18 @@ class Layer:
     tree: LayerTree
     source: RangeSource
     what: str  # for logs and errors: image reference and layer digest
+    digest: str = ""  # the layer blob's digest
     prefetch_done: int = 0
     prefetch_total: int = 0
-    on_remove: list[Callable[[], None]] = field(default_factory=list)
+    # first-touch order of the chunks reads asked for (blob offsets): the layer's profile
+    touched: list[int] = field(default_factory=list)
+    touched_set: set[int] = field(default_factory=set)
+
+    def touch(self, offsets: list[int]) -> None:
+        for off in offsets:
+            if off not in self.touched_set and len(self.touched) < _MAX_PROFILE:
+                self.touched_set.add(off)
+                self.touched.append(off)
 
 
 class LayerSet:

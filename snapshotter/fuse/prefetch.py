@@ -20,7 +20,40 @@ log = logging.getLogger(__name__)
 
 _BATCH_BYTES = 4 * 1024 * 1024  # one range request per batch of the prefetch list
 _BACKGROUND_BATCH_BYTES = 1024 * 1024  # smaller: a read never waits long behind one
+_WAVE_BYTES = 2 * 1024 * 1024  # prefetch-list chunks planned together (then by offset)
 _QUIET_SECONDS = 2.0  # background fetching waits until on-demand reads paused this long
+
+
+def _split(refs: list[ChunkRef], limit: int) -> list[list[ChunkRef]]:
+    """Consecutive runs of at most `limit` compressed bytes."""
+    out: list[list[ChunkRef]] = []
+    size = 0
+    for r in refs:
+        if not out or size + r.compressed_size > limit:
+            out.append([])
+            size = 0
+        out[-1].append(r)
+        size += r.compressed_size
+    return out
+
+
+def plan_waves(refs: list[ChunkRef], max_gap: int, wave_bytes: int = _WAVE_BYTES,
+               max_request: int = _BATCH_BYTES) -> list[list[ChunkRef]]:
+    """Range requests for a prefetch list: waves of `wave_bytes` in first-touch order; inside
+    a wave, chunks sorted by blob offset and neighbours (gap <= max_gap) joined into one
+    request. Early chunks come first; round trips stay few."""
+    out: list[list[ChunkRef]] = []
+    for wave in _split(refs, wave_bytes):
+        group: list[ChunkRef] = []
+        for r in sorted(wave, key=lambda c: c.blob_offset):
+            if group and (r.blob_offset - group[-1].end > max_gap
+                          or r.end - group[0].blob_offset > max_request):
+                out.append(group)
+                group = []
+            group.append(r)
+        if group:
+            out.append(group)
+    return out
 
 
 class Prefetcher:
@@ -67,22 +100,21 @@ class Prefetcher:
 
     def _fetch_all(self, layer: Layer, refs: list[ChunkRef], ordered: bool,
                    mounted: float) -> None:
-        """`ordered`: the prefetch list, fetched at once. Otherwise the background rest,
-        which yields the link to on-demand reads (a shared link is the bottleneck)."""
-        limit = _BATCH_BYTES if ordered else _BACKGROUND_BATCH_BYTES
-        batches: list[list[ChunkRef]] = []
-        size = 0
+        """`ordered`: the prefetch list, fetched at once, several requests in parallel.
+        Otherwise the background rest, which yields the link to on-demand reads (a shared
+        link is the bottleneck)."""
+        todo = []
         for r in refs:
             if self.fetcher.is_cached(r):
                 layer.prefetch_done += 1
-                continue
-            if not batches or size + r.compressed_size > limit or (
-                    ordered and len(batches[-1]) >= 64):
-                batches.append([])
-                size = 0
-            batches[-1].append(r)
-            size += r.compressed_size
-        pool = self._pool if ordered else self._background
+            else:
+                todo.append(r)
+        if ordered:
+            batches = plan_waves(todo, self.fetcher.max_gap)
+            pool = self._pool
+        else:
+            batches = _split(todo, _BACKGROUND_BATCH_BYTES)
+            pool = self._background
         futures = [pool.submit(self._fetch_batch, layer, b, not ordered, mounted)
                    for b in batches]
         for f in futures:

@@ -30,6 +30,7 @@ class Reader:
         first, refs = layer.tree.chunks_for(local, offset, end - offset)
         if not refs:
             return b""
+        layer.touch([r.blob_offset for r in refs])
         what = f"{layer.what} file /{e.name.decode(errors='replace')}"
         extra = layer.tree.following(refs[-1], self.readahead) if self.readahead else []
         datas = self.fetcher.get(layer.source, refs, what, readahead=extra)

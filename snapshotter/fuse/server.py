@@ -11,10 +11,12 @@ fetching) runs in worker threads.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -29,7 +31,7 @@ from chunkstore.cache import ChunkCache
 from chunkstore.digest import Digest
 from chunkstore.fetch import Fetcher, RangeSource
 from snapshotter.fuse import protocol
-from snapshotter.fuse.layers import FileSource, Layer, LayerSet
+from snapshotter.fuse.layers import FileSource, Layer, LayerSet, join_ino
 from snapshotter.fuse.ops import Operations
 from snapshotter.fuse.prefetch import Prefetcher
 from snapshotter.fuse.reader import Reader
@@ -88,7 +90,8 @@ class Server:
         toc = fmt.decode_toc(payload, Digest.parse(req["toc_digest"]))
         tree = LayerTree(toc)
         layer = Layer(name=name, slot=int(req["slot"]), tree=tree,
-                      source=self._source(req["source"]), what=str(req.get("what", name)))
+                      source=self._source(req["source"]), what=str(req.get("what", name)),
+                      digest=str(req["source"].get("digest", "")))
         self.layers.add(layer)
         log.info("layer added", extra={"kv": {"name": name, "layer": layer.what,
                                               "entries": len(toc.entries)}})
@@ -109,6 +112,26 @@ class Server:
             {"name": layer.name, "slot": layer.slot, "what": layer.what,
              "prefetch_done": layer.prefetch_done, "prefetch_total": layer.prefetch_total}
             for layer in self.layers.all()]}
+
+    def op_profile(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Each layer's first-touch chunk order so far (blob offsets), by layer digest."""
+        return {"layers": [{"name": layer.name, "digest": layer.digest,
+                            "offsets": list(layer.touched)} for layer in self.layers.all()]}
+
+    def op_profile_reset(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Start recording afresh for the layers with these digests: forget what was touched
+        and drop their pages from the kernel's cache, so every read of the workload reaches
+        us (and is recorded) again."""
+        digests = set(req.get("digests") or [])
+        layers = [layer for layer in self.layers.all() if layer.digest in digests]
+        for layer in layers:
+            layer.touched.clear()
+            layer.touched_set.clear()
+            for local, node in layer.tree.nodes.items():
+                if stat.S_ISREG(node.mode):
+                    with contextlib.suppress(OSError):
+                        pyfuse3.invalidate_inode(join_ino(layer.slot, local), attr_only=False)
+        return {"layers": len(layers)}
 
     def op_stats(self, req: dict[str, Any]) -> dict[str, Any]:
         f, c = self.fetcher.stats, self.cache.stats()
