@@ -102,6 +102,9 @@ class RemoteConfig:
     # follow in the blob (neighbouring files), in the same request: about the link's
     # bandwidth times its round-trip time. 0 turns it off.
     readahead_kb: int = 256
+    # With no recorded profile in an image, guess what its entrypoint reads first (the binary,
+    # its ELF interpreter and libraries, a Python's start-up modules) and prefetch that.
+    predict: bool = True
     # Fetch and unpack layers that are not in zest's format (so containerd downloads nothing).
     unpack: bool = True
     # Blobs of such layers downloaded at once.

@@ -95,7 +95,7 @@ def _snapshotter(config: Config, store: MetaStore, fuse: FuseProcess | None) -> 
     if fuse is not None:
         mounter = RemoteLayers(config.root, fuse, plain_http_hosts=config.remote.plain_http,
                                hosts_dir=config.remote.hosts_dir,
-                               unpack=config.remote.unpack,
+                               unpack=config.remote.unpack, predict=config.remote.predict,
                                unpack_parallel=config.remote.unpack_parallel)
     return Snapshotter(
         config.root,

@@ -75,8 +75,9 @@ def _mount_state(path: Path, fuse_root: Path) -> str:
 class RemoteLayers:
     def __init__(self, root: Path, fuse: FuseProcess, *, plain_http_hosts: frozenset[str] = (
             frozenset()), hosts_dir: Path | None = None, unpack: bool = True,
-            unpack_parallel: int = 3, prefetch: bool = True):
+            unpack_parallel: int = 3, prefetch: bool = True, predict: bool = True):
         self.hosts_dir = hosts_dir
+        self.predict = predict
         self.root = root
         self.fuse = fuse
         self.plain_http_hosts = plain_http_hosts
@@ -175,6 +176,23 @@ class RemoteLayers:
         except BaseException:
             state_path.unlink(missing_ok=True)  # the snapshot stays an ordinary active one
             raise
+        if self.predict and state["kind"] == "lazy" and index == len(layers) - 1:
+            # in the background: the Prepare answers now, the guess races the container start
+            threading.Thread(target=self._predict, args=(client, ref.repository, manifest),
+                             name="zest-predict", daemon=True).start()
+
+    def _predict(self, client: RegistryClient, repo: str, manifest: dict[str, Any]) -> None:
+        """The top layer is in place: let the FUSE process guess what the entrypoint reads."""
+        try:
+            config = self._config(client, repo, manifest).get("config") or {}
+            served = {x["digest"]: x["name"] for x in self.fuse.call("list")["layers"]
+                      if x.get("digest")}
+            names = [served[d["digest"]] for d in manifest["layers"] if d["digest"] in served]
+            argv = (config.get("Entrypoint") or []) + (config.get("Cmd") or [])
+            self.fuse.call("predict", layers=names, argv=argv, env=config.get("Env") or [],
+                           workdir=config.get("WorkingDir") or "/")
+        except Exception as exc:  # a guess that fails costs nothing but the guess
+            log.info("no predicted prefetch", extra={"kv": {"reason": exc}})
 
     def _lazy(self, client: RegistryClient, host: str, repo: str, desc: dict[str, Any],
               footer: fmt.Footer, mountpoint: Path, what: str) -> dict[str, Any]:

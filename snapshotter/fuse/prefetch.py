@@ -74,6 +74,17 @@ class Prefetcher:
         threading.Thread(target=self._run, args=(layer,), name=f"prefetch-{layer.name}",
                          daemon=True).start()
 
+    def fetch_files(self, files: list[tuple[Layer, list[ChunkRef]]]) -> None:
+        """Fetch these chunks now, at prefetch-list priority, in the background."""
+        def run() -> None:
+            try:
+                for layer, refs in files:
+                    self._fetch_all(layer, refs, ordered=True, mounted=time.monotonic())
+            except Exception as exc:  # best effort, like all prefetching
+                log.warning("predicted prefetch stopped", extra={"kv": {"error": exc}})
+
+        threading.Thread(target=run, name="prefetch-predicted", daemon=True).start()
+
     def stop(self, name: str) -> None:
         with self._lock:
             self._stopped.add(name)

@@ -21,7 +21,9 @@ class Reader:
         self.fetcher = fetcher
         self.readahead = readahead  # compressed bytes after a miss that ride along
 
-    def read(self, layer: Layer, local: int, offset: int, size: int) -> bytes:
+    def read(self, layer: Layer, local: int, offset: int, size: int,
+             record: bool = True) -> bytes:
+        """`record=False`: zest's own reads (the predictor), kept out of the profile."""
         started = time.monotonic()
         e = layer.tree.entry(local)
         if e is None or offset >= e.size:
@@ -30,7 +32,8 @@ class Reader:
         first, refs = layer.tree.chunks_for(local, offset, end - offset)
         if not refs:
             return b""
-        layer.touch([r.blob_offset for r in refs])
+        if record:
+            layer.touch([r.blob_offset for r in refs])
         what = f"{layer.what} file /{e.name.decode(errors='replace')}"
         extra = layer.tree.following(refs[-1], self.readahead) if self.readahead else []
         datas = self.fetcher.get(layer.source, refs, what, readahead=extra)

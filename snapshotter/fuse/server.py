@@ -29,10 +29,11 @@ import trio
 from chunkstore import format as fmt
 from chunkstore.cache import ChunkCache
 from chunkstore.digest import Digest
-from chunkstore.fetch import Fetcher, RangeSource
+from chunkstore.fetch import ChunkRef, Fetcher, RangeSource
 from snapshotter.fuse import protocol
 from snapshotter.fuse.layers import FileSource, Layer, LayerSet, join_ino
 from snapshotter.fuse.ops import Operations
+from snapshotter.fuse.predict import MergedView, Predictor
 from snapshotter.fuse.prefetch import Prefetcher
 from snapshotter.fuse.reader import Reader
 from snapshotter.fuse.tree import LayerTree
@@ -109,9 +110,33 @@ class Server:
 
     def op_list(self, req: dict[str, Any]) -> dict[str, Any]:
         return {"layers": [
-            {"name": layer.name, "slot": layer.slot, "what": layer.what,
+            {"name": layer.name, "slot": layer.slot, "what": layer.what, "digest": layer.digest,
              "prefetch_done": layer.prefetch_done, "prefetch_total": layer.prefetch_total}
             for layer in self.layers.all()]}
+
+    def op_predict(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Guess what an image's entrypoint reads first and prefetch those files, unless one
+        of its layers carries a recorded prefetch list (a profile beats a guess)."""
+        layers = [x for x in (self.layers.by_name(str(n)) for n in req["layers"]) if x]
+        if not layers or any(len(x.tree.toc.prefetch) for x in layers):
+            return {"files": []}
+        view = MergedView(layers)
+
+        def read(layer: Layer, local: int, off: int, size: int) -> bytes:
+            return self.reader.read(layer, local, off, size, record=False)
+
+        found = Predictor(view, read).predict(req.get("argv") or [], req.get("env") or [],
+                                              str(req.get("workdir") or "/"))
+        by_layer: dict[str, tuple[Layer, list[ChunkRef]]] = {}
+        for f in found:
+            e = f.entry
+            refs = [ChunkRef(c.digest, c.blob_offset, c.compressed_size, c.size)
+                    for c in e.chunks]
+            by_layer.setdefault(f.layer.name, (f.layer, []))[1].extend(refs)
+        self.prefetcher.fetch_files(list(by_layer.values()))
+        log.info("predicted prefetch", extra={"kv": {"files": len(found), "argv0": (
+            req.get("argv") or ["?"])[0]}})
+        return {"files": [f.path for f in found]}
 
     def op_profile(self, req: dict[str, Any]) -> dict[str, Any]:
         """Each layer's first-touch chunk order so far (blob offsets), by layer digest."""

@@ -1,0 +1,290 @@
+"""Prefetch without a profile: guess what an image's entrypoint reads first.
+
+From the image config's Entrypoint/Cmd: the binary (found through PATH in the
+merged layers), its ELF interpreter and the shared libraries it needs
+(DT_NEEDED, searched as the dynamic loader would: RPATH/RUNPATH,
+/etc/ld.so.cache, the default directories; transitively), and for a Python
+interpreter the modules it imports at start. The guess is a list of whole
+files; the prefetcher fetches them at once, in parallel, before the workload
+asks. Reading ELF headers fetches (and verifies) the chunks that hold them
+through the ordinary read path.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import re
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from chunkstore._pb import toc_pb2
+from snapshotter.fuse.layers import Layer
+from snapshotter.fuse.tree import OPAQUE_XATTR
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+LIB_DIRS = ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib/aarch64-linux-gnu",
+            "/usr/lib/aarch64-linux-gnu", "/lib64", "/usr/lib64", "/lib", "/usr/lib")
+_MAX_FILES = 128
+# what CPython imports before running user code (site, encodings, io machinery)
+_PYTHON_STARTUP = ("abc", "codecs", "encodings/__init__", "encodings/aliases", "encodings/utf_8",
+                   "io", "site", "os", "stat", "posixpath", "genericpath", "_collections_abc",
+                   "_sitebuiltins", "types", "enum", "functools", "operator", "keyword",
+                   "reprlib", "collections/__init__", "re/__init__", "re/_compiler",
+                   "re/_parser", "re/_constants", "re/_casefix", "copyreg", "warnings",
+                   "sitecustomize", "_distutils_hack/__init__")
+
+ReadFile = Callable[[Layer, int, int, int], bytes]  # (layer, local inode, offset, size)
+
+
+@dataclass(frozen=True)
+class Found:
+    path: str  # after symlinks
+    layer: Layer
+    local: int
+
+    @property
+    def entry(self) -> toc_pb2.Entry:
+        e = self.layer.tree.entry(self.local)
+        assert e is not None
+        return e
+
+
+class MergedView:
+    """Path lookups across an image's lazy layers (bottom first), as overlayfs merges them."""
+
+    def __init__(self, layers: Sequence[Layer]):
+        self.layers = list(layers)
+
+    def _find(self, path: str) -> tuple[Layer, int] | None:
+        raw = path.strip("/").encode()
+        parts = raw.split(b"/") if raw else []
+        for layer in reversed(self.layers):
+            tree = layer.tree
+            ino = tree.resolve(raw)
+            if ino is not None:
+                node = tree.nodes[ino]
+                return None if node.whiteout else (layer, ino)
+            # hidden below: an ancestor here is a whiteout (not a dir) or opaque
+            for i in range(len(parts), 0, -1):
+                anc = tree.resolve(b"/".join(parts[:i]))
+                if anc is None:
+                    continue
+                if tree.nodes[anc].whiteout or OPAQUE_XATTR in tree.xattrs(anc):
+                    return None
+                break
+        return None
+
+    def lookup(self, path: str) -> Found | None:
+        """Resolve `path`, following symlinks anywhere in it (at most 40)."""
+        todo = [p for p in path.split("/") if p]
+        cur = ""
+        for _ in range(40 + len(todo)):
+            if not todo:
+                hit = self._find(cur) if cur else None
+                return Found(cur, *hit) if hit else None
+            part = todo.pop(0)
+            if part == ".":
+                continue
+            if part == "..":
+                cur = posixpath.dirname(cur)
+                continue
+            nxt = f"{cur}/{part}"
+            hit = self._find(nxt)
+            if hit is None:
+                return None
+            e = hit[0].tree.entry(hit[1])
+            if e is not None and e.type == toc_pb2.SYMLINK:
+                target = e.linkname.decode(errors="replace")
+                todo = [p for p in target.split("/") if p] + todo
+                cur = "" if target.startswith("/") else cur
+                continue
+            cur = nxt
+        return None
+
+
+@dataclass
+class Elf:
+    interp: str | None
+    needed: list[str]
+    runpath: list[str]
+
+
+def parse_elf(read: Callable[[int, int], bytes]) -> Elf | None:
+    """Interpreter, DT_NEEDED and RPATH/RUNPATH of a 64-bit little-endian ELF file."""
+    head = read(0, 64)
+    if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
+        return None
+    phoff, = struct.unpack_from("<Q", head, 32)
+    phentsize, phnum = struct.unpack_from("<HH", head, 54)
+    if phentsize < 56 or phnum > 256:
+        return None
+    ph = read(phoff, phentsize * phnum)
+    loads: list[tuple[int, int, int]] = []
+    interp = None
+    dynamic = None
+    for i in range(phnum):
+        p_type, _, p_offset, p_vaddr, _, p_filesz = struct.unpack_from(
+            "<IIQQQQ", ph, i * phentsize)
+        if p_type == 1:
+            loads.append((p_vaddr, p_offset, p_filesz))
+        elif p_type == 3:
+            interp = read(p_offset, p_filesz).split(b"\0")[0].decode(errors="replace")
+        elif p_type == 2:
+            dynamic = (p_offset, p_filesz)
+    if dynamic is None:
+        return Elf(interp, [], [])
+    dyn = read(*dynamic)
+    tags: list[tuple[int, int]] = []
+    for i in range(0, len(dyn) - 15, 16):
+        tag, val = struct.unpack_from("<qQ", dyn, i)
+        if tag == 0:
+            break
+        tags.append((tag, val))
+    strtab = next((v for t, v in tags if t == 5), None)
+    strsz = next((v for t, v in tags if t == 10), 0)
+    if strtab is None:
+        return Elf(interp, [], [])
+    off = next((o + strtab - va for va, o, sz in loads if va <= strtab < va + sz), None)
+    if off is None or strsz > 1 << 20:
+        return Elf(interp, [], [])
+    table = read(off, strsz)
+
+    def string(i: int) -> str:
+        return table[i:table.find(b"\0", i)].decode(errors="replace")
+
+    needed = [string(v) for t, v in tags if t == 1]
+    runpath = [p for t, v in tags if t in (15, 29) for p in string(v).split(":") if p]
+    return Elf(interp, needed, runpath)
+
+
+def parse_ld_so_cache(data: bytes) -> dict[str, str]:
+    """library name -> path, from glibc's /etc/ld.so.cache (the "1.1" format)."""
+    magic = b"glibc-ld.so.cache1.1"
+    start = data.find(magic)
+    if start < 0:
+        return {}
+    nlibs, = struct.unpack_from("<I", data, start + 20)
+    out: dict[str, str] = {}
+    base = start + 48
+    for i in range(min(nlibs, 100_000)):
+        off = base + i * 24
+        if off + 24 > len(data):
+            break
+        _, key, value = struct.unpack_from("<iII", data, off)
+
+        def s(at: int) -> str:
+            end = data.find(b"\0", at)
+            return data[at:end].decode(errors="replace") if 0 <= at < end else ""
+
+        name, path = s(key), s(value)
+        if name and path:
+            out.setdefault(name, path)
+    return out
+
+
+class Predictor:
+    def __init__(self, view: MergedView, read: ReadFile):
+        self.view = view
+        self.read = read
+        self._ldcache: dict[str, str] | None = None
+
+    def _bytes(self, f: Found, off: int, n: int) -> bytes:
+        return self.read(f.layer, f.local, off, n)
+
+    def _reader_of(self, f: Found) -> Callable[[int, int], bytes]:
+        def read(off: int, n: int) -> bytes:
+            return self._bytes(f, off, n)
+
+        return read
+
+    def _whole(self, f: Found) -> bytes:
+        return self._bytes(f, 0, f.entry.size)
+
+    def _ld_cache(self) -> dict[str, str]:
+        if self._ldcache is None:
+            f = self.view.lookup("/etc/ld.so.cache")
+            self._ldcache = parse_ld_so_cache(self._whole(f)) if f and f.entry.size < (
+                16 << 20) else {}
+        return self._ldcache
+
+    def which(self, name: str, env: Sequence[str], workdir: str) -> Found | None:
+        if "/" in name:
+            return self.view.lookup(name if name.startswith("/") else f"{workdir}/{name}")
+        path = next((e[5:] for e in env if e.startswith("PATH=")), DEFAULT_PATH)
+        for d in path.split(":"):
+            f = self.view.lookup(f"{d}/{name}")
+            if f is not None and f.entry.type == toc_pb2.REG:
+                return f
+        return None
+
+    def library(self, name: str, runpath: Sequence[str], origin: str) -> Found | None:
+        for d in runpath:
+            f = self.view.lookup(f"{d.replace('$ORIGIN', origin)}/{name}")
+            if f is not None:
+                return f
+        cached = self._ld_cache().get(name)
+        if cached:
+            f = self.view.lookup(cached)
+            if f is not None:
+                return f
+        for d in LIB_DIRS:
+            f = self.view.lookup(f"{d}/{name}")
+            if f is not None:
+                return f
+        return None
+
+    def predict(self, argv: Sequence[str], env: Sequence[str], workdir: str = "/") -> list[Found]:
+        """The files the command will read first, in the order it will want them."""
+        if not argv:
+            return []
+        first = self.which(argv[0], env, workdir)
+        if first is None:
+            return []
+        out: list[Found] = [first]
+        seen = {(id(first.layer), first.local)}
+
+        def add(f: Found | None) -> None:
+            if f is not None and (id(f.layer), f.local) not in seen and len(out) < _MAX_FILES:
+                seen.add((id(f.layer), f.local))
+                out.append(f)
+
+        head = self._bytes(first, 0, 256)
+        if head.startswith(b"#!"):  # a script: its interpreter is what runs
+            line = head[2:].split(b"\n")[0].decode(errors="replace").split()
+            if line:
+                add(self.view.lookup(line[0]))
+                if line[0].endswith("/env") and len(line) > 1:
+                    add(self.which(line[1], env, workdir))
+        queue = list(out)
+        while queue:
+            f = queue.pop(0)
+            elf = parse_elf(self._reader_of(f))
+            if elf is None:
+                continue
+            before = len(out)
+            if elf.interp:
+                add(self.view.lookup(elf.interp))
+            origin = posixpath.dirname(f.path)
+            for name in elf.needed:
+                add(self.library(name, elf.runpath, origin))
+            queue += out[before:]
+        m = re.search(r"python(3\.\d+)", out[0].path)
+        if m:
+            self._python(m.group(1), add)
+        return out
+
+    def _python(self, version: str, add: Callable[[Found | None], None]) -> None:
+        tag = version.replace(".", "")
+        for prefix in ("/usr/lib", "/usr/local/lib"):
+            lib = f"{prefix}/python{version}"
+            if self.view.lookup(f"{lib}/os.py") is None:
+                continue
+            for mod in _PYTHON_STARTUP:
+                d, _, base = f"{lib}/{mod}".rpartition("/")
+                add(self.view.lookup(f"{d}/__pycache__/{base}.cpython-{tag}.pyc"))
+                add(self.view.lookup(f"{d}/{base}.py"))
+            return

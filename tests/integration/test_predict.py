@@ -1,0 +1,54 @@
+"""The ELF predictor on real binaries of a real image, against `ldd` run in a container."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from tests.integration.conftest import Node
+
+pytestmark = pytest.mark.integration
+
+
+def _ldd(node: Node, image: str, binary: str) -> set[str]:
+    script = (f'for f in $(ldd {binary} | grep -o "/[^ ]*"); do readlink -f "$f"; done; '
+              f"readlink -f {binary}")
+    return set(node.run(image, "sh", "-c", script).split())
+
+
+@pytest.mark.parametrize("binary", ["python3", "bash", "ls"])
+def test_predicted_files_match_ldd(node_factory: Callable[..., Node], python_image: str,
+                                   binary: str) -> None:
+    node = node_factory()
+    node.pull(python_image)
+    layers = [x["name"] for x in sorted(node.fuse_call("list")["layers"],
+                                        key=lambda x: x["slot"])]
+    from snapshotter.fuse.protocol import call
+
+    reply = call(str(node.zsd.root / "fuse" / "control.sock"),
+                 {"op": "predict", "layers": layers, "argv": [binary],
+                  "env": ["PATH=/usr/local/bin:/usr/bin:/bin"]})
+    predicted = set(reply["files"])
+    expected = _ldd(node, python_image, f"$(command -v {binary})")
+    assert expected and expected <= predicted, (expected - predicted, predicted)
+    if binary == "python3":
+        assert any(p.endswith("/site.py") or "site.cpython" in p for p in predicted)
+    else:  # only the binary and what the loader maps
+        assert predicted == expected, predicted - expected
+
+
+def test_mount_prefetches_the_entrypoint(node_factory: Callable[..., Node],
+                                         python_image: str) -> None:
+    node = node_factory()
+    node.pull(python_image)  # the image's Cmd is python3: predicted at the top layer's mount
+    import time
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and node.fuse_call("stats")["fetch"]["chunks_fetched"] < 20:
+        time.sleep(0.2)
+    assert node.fuse_call("stats")["fetch"]["chunks_fetched"] >= 20
+    before = len(node.link.requests)
+    assert node.run(python_image, "python3", "-c", "print('hello')").strip() == "hello"
+    during = [r for r in node.link.requests[before:] if r.range]
+    assert len(during) < 15, len(during)
