@@ -82,6 +82,16 @@ class Node:
                 raise AssertionError(f"containerd did not reconnect: {ok.stderr}")
             time.sleep(0.5)
 
+    def wait_prefetched(self, timeout: float = 180) -> list[dict]:  # type: ignore[type-arg]
+        """Wait until every lazy layer's prefetch (list and, if on, background) is done."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            layers: list[dict] = self.fuse_call("list")["layers"]  # type: ignore[type-arg]
+            if layers and all(x["prefetch_done"] >= x["prefetch_total"] for x in layers):
+                return layers
+            time.sleep(0.3)
+        raise AssertionError(f"prefetch did not finish: {self.fuse_call('list')}")
+
     def fuse_call(self, op: str) -> dict:  # type: ignore[type-arg]
         from snapshotter.fuse.protocol import call
 

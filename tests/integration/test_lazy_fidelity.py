@@ -10,7 +10,6 @@ import os
 import random
 import stat
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -111,17 +110,6 @@ def _replace_file(tar: bytes, name: str, data: bytes) -> bytes:
     return out.getvalue()
 
 
-def _wait_prefetched(node: Node, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        layers = node.fuse_call("list")["layers"]
-        if layers and all(x["prefetch_total"] and x["prefetch_done"] >= x["prefetch_total"]
-                          for x in layers):
-            return
-        time.sleep(0.5)
-    raise AssertionError("background prefetch did not finish")
-
-
 def test_second_version_fetches_only_the_changed_file(
     node_factory: Callable[..., Node], python_image: str, registry: LocalRegistry,
     tmp_path: Path,
@@ -146,10 +134,10 @@ def test_second_version_fetches_only_the_changed_file(
              f"{registry.host}/dedup/python:{tag}")
     node = node_factory(background=True)
     node.pull("dedup/python:v1")
-    _wait_prefetched(node)  # the whole of v1 is in the chunk cache
+    node.wait_prefetched()  # the whole of v1 is in the chunk cache
     before = node.link.bytes_sent
     node.pull("dedup/python:v2")
-    _wait_prefetched(node)
+    node.wait_prefetched()
     assert node.run("dedup/python:v2", "sh", "-c", f"wc -c < /{name}").strip() == str(
         len(new_file))
     fetched = node.link.bytes_sent - before

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import httpx
@@ -14,16 +13,6 @@ from tests.support import ocibuild as ob
 from tests.support.registry import LocalRegistry
 
 pytestmark = pytest.mark.integration
-
-
-def _prefetched(node: Node, timeout: float = 60) -> list[dict]:  # type: ignore[type-arg]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        layers = node.fuse_call("list")["layers"]
-        if layers and all(x["prefetch_done"] >= x["prefetch_total"] for x in layers):
-            return layers  # type: ignore[no-any-return]
-        time.sleep(0.2)
-    raise AssertionError(f"prefetch did not finish: {node.fuse_call('list')}")
 
 
 def test_profile_round_trip(node_factory: Callable[..., Node], python_image: str,
@@ -51,7 +40,7 @@ def test_profile_round_trip(node_factory: Callable[..., Node], python_image: str
 
     fresh = node_factory()  # another node, cold cache, background prefetch off
     fresh.pull("opt/python:1")
-    layers = _prefetched(fresh)
+    layers = fresh.wait_prefetched()
     assert sum(x["prefetch_total"] for x in layers) >= sum(prefetch)
     prefetch_requests = [r for r in fresh.link.requests if r.range]
     assert prefetch_requests  # the prefetch list crossed the link before the workload ran
