@@ -37,6 +37,12 @@ _PYTHON_STARTUP = ("abc", "codecs", "encodings/__init__", "encodings/aliases", "
                    "re/_parser", "re/_constants", "re/_casefix", "copyreg", "warnings",
                    "sitecustomize", "_distutils_hack/__init__")
 
+# read by the runtime (user lookup) and by libc at start (loader cache, locale, charsets)
+_RUNTIME_FILES = ("/etc/passwd", "/etc/group", "/etc/ld.so.cache",
+                  "/usr/lib/locale/C.utf8/LC_CTYPE", "/usr/lib/locale/C.UTF-8/LC_CTYPE",
+                  "/usr/lib/x86_64-linux-gnu/gconv/gconv-modules.cache",
+                  "/usr/lib/aarch64-linux-gnu/gconv/gconv-modules.cache", "/etc/localtime")
+
 ReadFile = Callable[[Layer, int, int, int], bytes]  # (layer, local inode, offset, size)
 
 
@@ -275,7 +281,14 @@ class Predictor:
         m = re.search(r"python(3\.\d+)", out[0].path)
         if m:
             self._python(m.group(1), add)
-        return out
+        runtime: list[Found] = []
+        for path in _RUNTIME_FILES:
+            hit = self.view.lookup(path)
+            if hit is not None and hit.entry.type == toc_pb2.REG and (
+                    id(hit.layer), hit.local) not in seen:
+                seen.add((id(hit.layer), hit.local))
+                runtime.append(hit)
+        return runtime + out  # the runtime reads these before it executes anything
 
     def _python(self, version: str, add: Callable[[Found | None], None]) -> None:
         tag = version.replace(".", "")

@@ -37,6 +37,19 @@ def _split(refs: list[ChunkRef], limit: int) -> list[list[ChunkRef]]:
     return out
 
 
+def _split_pairs(pairs: list[tuple[Layer, ChunkRef]],
+                 limit: int) -> list[list[tuple[Layer, ChunkRef]]]:
+    out: list[list[tuple[Layer, ChunkRef]]] = []
+    size = 0
+    for pair in pairs:
+        if not out or size + pair[1].compressed_size > limit:
+            out.append([])
+            size = 0
+        out[-1].append(pair)
+        size += pair[1].compressed_size
+    return out
+
+
 def plan_waves(refs: list[ChunkRef], max_gap: int, wave_bytes: int = _WAVE_BYTES,
                max_request: int = _BATCH_BYTES) -> list[list[ChunkRef]]:
     """Range requests for a prefetch list: waves of `wave_bytes` in first-touch order; inside
@@ -74,12 +87,23 @@ class Prefetcher:
         threading.Thread(target=self._run, args=(layer,), name=f"prefetch-{layer.name}",
                          daemon=True).start()
 
-    def fetch_files(self, files: list[tuple[Layer, list[ChunkRef]]]) -> None:
-        """Fetch these chunks now, at prefetch-list priority, in the background."""
+    def fetch_files(self, wanted: list[tuple[Layer, ChunkRef]]) -> None:
+        """Fetch these chunks now, at prefetch-list priority, in the background: in the order
+        given across layers (waves), each wave coalesced per layer blob."""
         def run() -> None:
             try:
-                for layer, refs in files:
-                    self._fetch_all(layer, refs, ordered=True, mounted=time.monotonic())
+                todo = [(layer, r) for layer, r in wanted if not self.fetcher.is_cached(r)]
+                jobs = []
+                for wave in _split_pairs(todo, _WAVE_BYTES):
+                    by_layer: dict[str, tuple[Layer, list[ChunkRef]]] = {}
+                    for layer, r in wave:
+                        by_layer.setdefault(layer.name, (layer, []))[1].append(r)
+                    for layer, refs in by_layer.values():
+                        for group in plan_waves(refs, self.fetcher.max_gap, wave_bytes=1 << 62):
+                            jobs.append(self._pool.submit(self._fetch_batch, layer, group,
+                                                          False, 0.0))
+                for job in jobs:
+                    job.result()
             except Exception as exc:  # best effort, like all prefetching
                 log.warning("predicted prefetch stopped", extra={"kv": {"error": exc}})
 

@@ -127,13 +127,9 @@ class Server:
 
         found = Predictor(view, read).predict(req.get("argv") or [], req.get("env") or [],
                                               str(req.get("workdir") or "/"))
-        by_layer: dict[str, tuple[Layer, list[ChunkRef]]] = {}
-        for f in found:
-            e = f.entry
-            refs = [ChunkRef(c.digest, c.blob_offset, c.compressed_size, c.size)
-                    for c in e.chunks]
-            by_layer.setdefault(f.layer.name, (f.layer, []))[1].extend(refs)
-        self.prefetcher.fetch_files(list(by_layer.values()))
+        wanted = [(f.layer, ChunkRef(c.digest, c.blob_offset, c.compressed_size, c.size))
+                  for f in found for c in f.entry.chunks]
+        self.prefetcher.fetch_files(wanted)
         log.info("predicted prefetch", extra={"kv": {"files": len(found), "argv0": (
             req.get("argv") or ["?"])[0]}})
         return {"files": [f.path for f in found]}
