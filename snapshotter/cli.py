@@ -228,6 +228,24 @@ def _add_optimize(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.set_defaults(func=run)
 
 
+def _add_profile(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("profile", help="publish the workload profile this node recorded")
+    psub = p.add_subparsers(dest="profile_command", required=True)
+    push = psub.add_parser("push", help="push REF's recorded profile as an OCI artifact")
+    push.add_argument("ref")
+    push.add_argument("--zest-root", default="/var/lib/zest", help="the zest daemon's root")
+    push.add_argument("--plain-http", action="store_true")
+
+    def run(args: argparse.Namespace) -> int:
+        from snapshotter.profiles import push_profile
+
+        tag = push_profile(args.ref, args.zest_root, args.plain_http)
+        print(f"pushed profile of {args.ref} as tag {tag}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     _add_convert,
     _add_inspect,
@@ -236,6 +254,7 @@ _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]
     _add_pull,
     _add_cache,
     _add_optimize,
+    _add_profile,
 ]
 
 

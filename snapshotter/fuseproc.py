@@ -66,6 +66,7 @@ class FuseProcess:
                "--cache-dir", str(cfg.cache_dir), "--cache-size", str(cfg.cache_size),
                "--prefetch-parallel", str(cfg.prefetch_parallel),
                "--readahead", str(cfg.readahead),
+               "--profile-dir", str(cfg.cache_dir.parent / "profiles"),
                "--log-level", cfg.log_level, "--ready-fd", str(write_fd)]
         if not cfg.background_prefetch:
             cmd.append("--no-background-prefetch")

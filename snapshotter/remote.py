@@ -33,7 +33,9 @@ from snapshotter.fuse.protocol import ControlError
 from snapshotter.fuseproc import FuseProcess
 from snapshotter.image import store as st
 from snapshotter.image.reference import Kind, parse_reference
+from snapshotter.profiles import Profile, parse_artifact, profile_tag
 from snapshotter.registry.client import RegistryClient
+from snapshotter.registry.errors import NotFoundError
 from snapshotter.unpack import BlobDownloads, UnpackError, unpack_blob
 
 log = logging.getLogger(__name__)
@@ -101,6 +103,7 @@ class RemoteLayers:
         self.blobs = BlobDownloads(root / "blobs", unpack_parallel)
         self._clients: dict[str, RegistryClient] = {}
         self._manifests: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._profiles: dict[str, Profile | None] = {}
         self._lock = threading.Lock()
 
     # -- registry --------------------------------------------------------------
@@ -126,6 +129,34 @@ class RemoteLayers:
             while len(self._manifests) > 64:
                 self._manifests.popitem(last=False)
         return manifest
+
+    def _profile(self, client: RegistryClient, repo: str, manifest_digest: str) -> Profile | None:
+        """The image's published profile (an artifact tagged after its manifest), if any."""
+        with self._lock:
+            if manifest_digest in self._profiles:
+                return self._profiles[manifest_digest]
+        profile = None
+        try:
+            art = client.get_manifest(repo, profile_tag(manifest_digest))
+            blob_digest = parse_artifact(art, manifest_digest)
+            if blob_digest is not None:
+                with client.open_blob(repo, blob_digest) as f:
+                    data = f.read(64 << 20)
+                Digest.parse(blob_digest).verify(data, "profile")
+                profile = Profile.decode(data)
+                if profile.manifest != manifest_digest:
+                    log.info("ignoring profile: it was recorded for another manifest",
+                             extra={"kv": {"profile": profile.manifest,
+                                           "manifest": manifest_digest}})
+                    profile = None
+        except NotFoundError:
+            pass
+        except Exception as exc:  # a profile is an optimisation: never fail a pull for it
+            log.info("no profile used", extra={"kv": {"manifest": manifest_digest,
+                                                      "reason": exc}})
+        with self._lock:
+            self._profiles[manifest_digest] = profile
+        return profile
 
     def _config(self, client: RegistryClient, repo: str,
                 manifest: dict[str, Any]) -> dict[str, Any]:
@@ -183,6 +214,9 @@ class RemoteLayers:
         else:
             state = self._lazy(client, ref.api_host, ref.repository, desc, footer, mountpoint,
                                what)
+            profile = self._profile(client, ref.repository, manifest_digest)
+            if profile is not None and req.layer_digest in profile.layers:
+                state["profile"] = profile.layers[req.layer_digest]
         _write_atomic(state_path, json.dumps(state).encode())
         try:
             self._attach(state, mountpoint)
@@ -258,7 +292,8 @@ class RemoteLayers:
         self.fuse.ensure()
         self.fuse.call("add", name=state["name"], slot=state["slot"],
                        toc_path=state["toc_path"], toc_digest=state["toc_digest"],
-                       source=state["source"], what=state["what"], prefetch=self.prefetch)
+                       source=state["source"], what=state["what"], prefetch=self.prefetch,
+                       profile=state.get("profile") or [])
         current = _mount_state(mountpoint, self.fuse.cfg.mountpoint)
         if current == "mounted":
             return

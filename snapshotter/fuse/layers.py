@@ -9,6 +9,7 @@ alone says which layer it belongs to, with no table to keep in sync.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,12 +55,20 @@ class Layer:
     # first-touch order of the chunks reads asked for (blob offsets): the layer's profile
     touched: list[int] = field(default_factory=list)
     touched_set: set[int] = field(default_factory=set)
+    last_touch: float = 0.0
+    # a prefetch list from elsewhere (a profile artifact) when the TOC has none
+    prefetch_override: list[int] = field(default_factory=list)
+
+    @property
+    def prefetch_list(self) -> list[int]:
+        return list(self.tree.toc.prefetch) or self.prefetch_override
 
     def touch(self, offsets: list[int]) -> None:
         for off in offsets:
             if off not in self.touched_set and len(self.touched) < _MAX_PROFILE:
                 self.touched_set.add(off)
                 self.touched.append(off)
+                self.last_touch = time.monotonic()
 
 
 class LayerSet:

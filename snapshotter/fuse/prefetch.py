@@ -121,7 +121,7 @@ class Prefetcher:
         mounted = time.monotonic()
         try:
             by_offset = {r.blob_offset: r for r in layer.tree.all_chunks()}
-            first = [by_offset[o] for o in layer.tree.toc.prefetch if o in by_offset]
+            first = [by_offset[o] for o in layer.prefetch_list if o in by_offset]
             rest = sorted(set(by_offset.values()) - set(first), key=lambda r: r.blob_offset)
             todo = first + (rest if self.background else [])
             layer.prefetch_total = len(todo)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import json
 import logging
 import os
 import signal
@@ -20,6 +21,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +56,9 @@ class _RegistryBlob:
 
 class Server:
     def __init__(self, mountpoint: Path, cache: ChunkCache, *, background_prefetch: bool,
-                 prefetch_parallel: int, readahead: int = 512 * 1024):
+                 prefetch_parallel: int, readahead: int = 512 * 1024,
+                 profile_dir: Path | None = None):
+        self.profile_dir = profile_dir
         self.mountpoint = mountpoint
         self.cache = cache
         self.fetcher = Fetcher(cache)
@@ -92,7 +96,8 @@ class Server:
         tree = LayerTree(toc)
         layer = Layer(name=name, slot=int(req["slot"]), tree=tree,
                       source=self._source(req["source"]), what=str(req.get("what", name)),
-                      digest=str(req["source"].get("digest", "")))
+                      digest=str(req["source"].get("digest", "")),
+                      prefetch_override=[int(x) for x in req.get("profile") or []])
         self.layers.add(layer)
         log.info("layer added", extra={"kv": {"name": name, "layer": layer.what,
                                               "entries": len(toc.entries)}})
@@ -118,7 +123,7 @@ class Server:
         """Guess what an image's entrypoint reads first and prefetch those files, unless one
         of its layers carries a recorded prefetch list (a profile beats a guess)."""
         layers = [x for x in (self.layers.by_name(str(n)) for n in req["layers"]) if x]
-        if not layers or any(len(x.tree.toc.prefetch) for x in layers):
+        if not layers or any(x.prefetch_list for x in layers):
             return {"files": []}
         view = MergedView(layers)
 
@@ -135,9 +140,45 @@ class Server:
         return {"files": [f.path for f in found]}
 
     def op_profile(self, req: dict[str, Any]) -> dict[str, Any]:
-        """Each layer's first-touch chunk order so far (blob offsets), by layer digest."""
-        return {"layers": [{"name": layer.name, "digest": layer.digest,
-                            "offsets": list(layer.touched)} for layer in self.layers.all()]}
+        """Each layer's first-touch chunk order (blob offsets), by layer digest: what was
+        recorded since the mount, else what was kept from the layer's first run here."""
+        out = []
+        for layer in self.layers.all():
+            offsets = list(layer.touched) or self._saved_profile(layer.digest)
+            out.append({"name": layer.name, "digest": layer.digest, "offsets": offsets})
+        return {"layers": out}
+
+    # -- profiles learnt at run time ---------------------------------------------
+    def _profile_path(self, digest: str) -> Path | None:
+        if self.profile_dir is None or not digest.startswith("sha256:"):
+            return None
+        return self.profile_dir / digest[7:]
+
+    def _saved_profile(self, digest: str) -> list[int]:
+        path = self._profile_path(digest)
+        if path is None or not path.exists():
+            return []
+        try:
+            return [int(x) for x in json.loads(path.read_text())]
+        except (OSError, ValueError):
+            return []
+
+    def save_profiles(self, quiet: float = 5.0) -> int:
+        """Keep each layer's first run: once its reads have paused for `quiet` seconds, its
+        first-touch order is written once and never overwritten."""
+        saved = 0
+        now = time.monotonic()
+        for layer in self.layers.all():
+            path = self._profile_path(layer.digest)
+            if (path is None or not layer.touched or path.exists()
+                    or now - layer.last_touch < quiet):
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(json.dumps(layer.touched))
+            os.replace(tmp, path)
+            saved += 1
+        return saved
 
     def op_profile_reset(self, req: dict[str, Any]) -> dict[str, Any]:
         """Start recording afresh for the layers with these digests: forget what was touched
@@ -229,10 +270,17 @@ def _unmount_stale(mountpoint: Path) -> None:
     subprocess.run(["umount", "-l", str(mountpoint)], check=False)
 
 
+async def _keep_profiles(server: Server) -> None:
+    while True:
+        await trio.sleep(2)
+        await trio.to_thread.run_sync(server.save_profiles)
+
+
 async def _main(server: Server, control: str, ready_fd: int | None) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(pyfuse3.main)
         nursery.start_soon(_serve_control, server, control)
+        nursery.start_soon(_keep_profiles, server)
         if ready_fd is not None:
             os.write(ready_fd, b"ready\n")
             os.close(ready_fd)
@@ -253,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-background-prefetch", action="store_true")
     ap.add_argument("--prefetch-parallel", type=int, default=4)
     ap.add_argument("--readahead", type=int, default=512 * 1024)
+    ap.add_argument("--profile-dir", help="where first-run profiles are kept")
     ap.add_argument("--ready-fd", type=int)
     ap.add_argument("--log-level", default="info")
     args = ap.parse_args(argv)
@@ -264,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     mountpoint.mkdir(parents=True, exist_ok=True)
     server = Server(mountpoint, ChunkCache(args.cache_dir, args.cache_size),
                     background_prefetch=not args.no_background_prefetch,
-                    prefetch_parallel=args.prefetch_parallel, readahead=args.readahead)
+                    prefetch_parallel=args.prefetch_parallel, readahead=args.readahead,
+                    profile_dir=Path(args.profile_dir) if args.profile_dir else None)
     options = {"fsname=zest", "subtype=zest", "ro", "allow_other", "default_permissions"}
     pyfuse3.init(server.ops, str(mountpoint), options)
     log.info("FUSE process serving", extra={"kv": {"mountpoint": mountpoint, "pid": os.getpid()}})

@@ -48,3 +48,83 @@ def test_profile_round_trip(node_factory: Callable[..., Node], python_image: str
     assert fresh.run("opt/python:1", "python3", "-c", "print('hello')").strip() == "hello"
     during = [r for r in fresh.link.requests if r.range]
     assert during == [], during  # every chunk the workload read was already local
+
+
+def test_profile_artifact_used_by_a_fresh_node(node_factory: Callable[..., Node],
+                                               python_image: str,
+                                               registry: LocalRegistry) -> None:
+    """A profile learnt at run time on one node, pushed, is prefetched by another node."""
+    import json as _json
+
+    from snapshotter.profiles import profile_tag
+
+    # a repository of its own: the profile tag must not reach other tests' pulls
+    zest("convert", "--no-progress", f"{registry.host}/{python_image}",
+         f"{registry.host}/learnt/python:1")
+    python_image = "learnt/python:1"
+    first = node_factory(extra_config="predict = false\n")
+    first.pull(python_image)
+    assert first.run(python_image, "python3", "-c", "print('hello')").strip() == "hello"
+    out = zest("profile", "push", "--zest-root", str(first.zsd.root),
+               f"{registry.host}/{python_image}").stdout
+    repo = python_image.rsplit(":", 1)[0]
+    m = httpx.get(f"http://{registry.host}/v2/{repo}/manifests/1",
+                  headers={"Accept": ob.OCI_MANIFEST})
+    tag = profile_tag(m.headers["Docker-Content-Digest"])
+    assert tag in out
+    art = httpx.get(f"http://{registry.host}/v2/{repo}/manifests/{tag}",
+                    headers={"Accept": ob.OCI_MANIFEST}).json()
+    assert art["subject"]["digest"] == m.headers["Docker-Content-Digest"]
+    assert art["artifactType"] == "application/vnd.zest.profile.v1+json"
+
+    fresh = node_factory(extra_config="predict = false\n")
+    fresh.pull(python_image)
+    layers = fresh.wait_prefetched()
+    assert sum(x["prefetch_total"] for x in layers) > 10  # the profile was used
+    fresh.link.reset()
+    assert fresh.run(python_image, "python3", "-c", "print('hello')").strip() == "hello"
+    assert len([r for r in fresh.link.requests if r.range]) <= 2
+    _ = _json
+
+
+@pytest.mark.allow_log_errors("another manifest")
+def test_profile_of_another_manifest_is_ignored(node_factory: Callable[..., Node],
+                                               python_image: str, busybox_image: str,
+                                               registry: LocalRegistry) -> None:
+    """An artifact under the image's tag whose subject is some other manifest is not used."""
+    import io
+
+    zest("convert", "--no-progress", f"{registry.host}/{python_image}",
+         f"{registry.host}/bogus/python:1")
+    python_image = "bogus/python:1"
+
+    from snapshotter.image.stores import open_store
+    from snapshotter.profiles import EMPTY_BLOB, Profile, artifact, profile_tag
+
+    repo = python_image.rsplit(":", 1)[0]
+    store, _ = open_store(f"{registry.host}/{repo}:1", for_writing=True)
+    try:
+        target = store.get_manifest("1")
+        other = open_store(f"{registry.host}/{busybox_image}")[0].get_manifest(
+            busybox_image.rsplit(":", 1)[1])
+        layer = _layer_digests(target)[0]
+        art, blob = artifact(Profile(other.digest, {layer: [0]}), other)
+        for data in (EMPTY_BLOB, blob):
+            from chunkstore.digest import Digest
+
+            store.put_blob(io.BytesIO(data), str(Digest.of(data)), len(data))
+        store.put_manifest(art, profile_tag(target.digest))  # wrong subject under this tag
+        node = node_factory(extra_config="predict = false\n")
+        node.pull(python_image)
+        layers = node.fuse_call("list")["layers"]
+        assert all(x["prefetch_total"] == 0 for x in layers)
+        log = (node.zsd.log_path).read_text()
+        assert "refers to another manifest" in log
+    finally:
+        store.close()
+
+
+def _layer_digests(manifest) -> list[str]:  # type: ignore[no-untyped-def]
+    import json as _json
+
+    return [d["digest"] for d in _json.loads(manifest.data)["layers"]]
