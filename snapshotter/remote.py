@@ -21,6 +21,7 @@ import subprocess
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,7 @@ class RemoteLayers:
         self._clients: dict[str, RegistryClient] = {}
         self._manifests: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._profiles: dict[str, Profile | None] = {}
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="zest-remote")
         self._lock = threading.Lock()
 
     # -- registry --------------------------------------------------------------
@@ -207,6 +209,9 @@ class RemoteLayers:
         desc = layers[index]
         what = f"{req.image_ref} layer {index + 1}/{len(layers)} {req.layer_digest}"
         footer = fmt.footer_from_annotations(desc.get("annotations") or {})
+        # the profile lookup (one round trip, usually a 404) overlaps the TOC fetch
+        profile_job = (self._pool.submit(self._profile, client, ref.repository, manifest_digest)
+                       if footer is not None else None)
         if footer is None:
             config = self._config(client, ref.repository, manifest)
             state = self._unpack(client, ref.repository, manifest, config, index, mountpoint,
@@ -214,27 +219,37 @@ class RemoteLayers:
         else:
             state = self._lazy(client, ref.api_host, ref.repository, desc, footer, mountpoint,
                                what)
-            profile = self._profile(client, ref.repository, manifest_digest)
+            assert profile_job is not None
+            profile = profile_job.result()
             if profile is not None and req.layer_digest in profile.layers:
                 state["profile"] = profile.layers[req.layer_digest]
         _write_atomic(state_path, json.dumps(state).encode())
         try:
+            # prefetch starts at once: overlapping the rest of the pull beats keeping the
+            # link free for the next layers' TOCs (measured with bench/lazy_start.py)
             self._attach(state, mountpoint)
         except BaseException:
             state_path.unlink(missing_ok=True)  # the snapshot stays an ordinary active one
             raise
-        if self.predict and state["kind"] == "lazy" and index == len(layers) - 1:
-            # in the background: the Prepare answers now, the guess races the container start
-            threading.Thread(target=self._predict, args=(client, ref.repository, manifest),
-                             name="zest-predict", daemon=True).start()
+        if index == len(layers) - 1 and state["kind"] == "lazy":
+            names = self._served_names(manifest)
+            if self.predict:
+                # in the background: the Prepare answers now, the guess races the container
+                threading.Thread(target=self._predict,
+                                 args=(client, ref.repository, manifest, names),
+                                 name="zest-predict", daemon=True).start()
 
-    def _predict(self, client: RegistryClient, repo: str, manifest: dict[str, Any]) -> None:
+    def _served_names(self, manifest: dict[str, Any]) -> list[str]:
+        """FUSE names of the manifest's layers that are served lazily, bottom first."""
+        served = {x["digest"]: x["name"] for x in self.fuse.call("list")["layers"]
+                  if x.get("digest")}
+        return [served[d["digest"]] for d in manifest["layers"] if d["digest"] in served]
+
+    def _predict(self, client: RegistryClient, repo: str, manifest: dict[str, Any],
+                 names: list[str]) -> None:
         """The top layer is in place: let the FUSE process guess what the entrypoint reads."""
         try:
             config = self._config(client, repo, manifest).get("config") or {}
-            served = {x["digest"]: x["name"] for x in self.fuse.call("list")["layers"]
-                      if x.get("digest")}
-            names = [served[d["digest"]] for d in manifest["layers"] if d["digest"] in served]
             argv = (config.get("Entrypoint") or []) + (config.get("Cmd") or [])
             self.fuse.call("predict", layers=names, argv=argv, env=config.get("Env") or [],
                            workdir=config.get("WorkingDir") or "/")
@@ -292,7 +307,8 @@ class RemoteLayers:
         self.fuse.ensure()
         self.fuse.call("add", name=state["name"], slot=state["slot"],
                        toc_path=state["toc_path"], toc_digest=state["toc_digest"],
-                       source=state["source"], what=state["what"], prefetch=self.prefetch,
+                       source=state["source"], what=state["what"],
+                       prefetch=self.prefetch,
                        profile=state.get("profile") or [])
         current = _mount_state(mountpoint, self.fuse.cfg.mountpoint)
         if current == "mounted":
