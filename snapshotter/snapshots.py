@@ -229,9 +229,11 @@ class Snapshotter:
             )
             return False
         committed = {**labels, L.REMOTE: L.REMOTE_VALUE}
+        # a layer the mounter unpacked into the directory uses disk here; a mounted one not
+        usage = Usage() if os.path.ismount(fs) else disk_usage(fs)
         try:
             with self._store.write() as tx:
-                tx.commit_active(key, target, Usage(), committed, time.time_ns(), remote=True)
+                tx.commit_active(key, target, usage, committed, time.time_ns(), remote=True)
         except AlreadyExists:
             self._mounter.unmount(fs)  # someone else committed the target first
         return True

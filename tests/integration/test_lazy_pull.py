@@ -82,6 +82,10 @@ def test_plain_image_layers_served_by_daemon(node_factory: Callable[..., Node],
     gets = [r for r in node.link.requests if r.method == "GET" and "/blobs/" in r.path]
     layer_gets = [r for r in gets if r.bytes > 1_000_000]
     assert len(layer_gets) == 2  # each layer blob downloaded exactly once, by the daemon
+    # their files are on the node's disk, and Usage says so
+    usage = node.ctrd.ctr("snapshots", "--snapshotter", "zest", "usage").stdout.splitlines()[1:]
+    inodes = [int(line.split()[-1]) for line in usage if line.strip()]
+    assert len(inodes) >= 2 and min(sorted(inodes)[-2:]) > 100, usage
 
 
 def test_daemon_kill_leaves_containers_running(node_factory: Callable[..., Node],
