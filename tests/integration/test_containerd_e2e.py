@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -120,6 +121,11 @@ def test_snapshots_survive_a_daemon_restart(
     ctrd.ctr("images", "pull", "--plain-http", "--snapshotter", "zest", ref, timeout=600)
     assert zest.stop() == 0
     zest.start()
+    # containerd reconnects to a restarted proxy plugin with backoff, as it would in production
+    deadline = time.monotonic() + 60
+    while ctrd.ctr("snapshots", "--snapshotter", "zest", "ls", check=False).returncode != 0:
+        assert time.monotonic() < deadline, "containerd did not reconnect to zest"
+        time.sleep(0.3)
     cid = f"e2e-{uuid.uuid4().hex[:8]}"
     out = ctrd.ctr("run", "--snapshotter", "zest", "--rm", ref, cid, timeout=300).stdout
     assert out.strip() == image_cache.recipe("busybox").expected_output
