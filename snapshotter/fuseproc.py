@@ -105,7 +105,10 @@ class FuseProcess:
         try:
             pid = int(self.call("ping")["pid"])
         except protocol.ControlError:
-            return
+            found = _find_by_control(self.cfg.control)  # its socket is gone, not its process
+            if found is None:
+                return
+            pid = found
         os.kill(pid, 15)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -113,6 +116,22 @@ class FuseProcess:
                 return
             time.sleep(0.05)
         os.kill(pid, 9)
+
+
+def _find_by_control(control: Path) -> int | None:
+    """The pid of a FUSE process started for this control socket path, if one still runs."""
+    want = ["--control", str(control)]
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "snapshotter.fuse.server" in argv and any(
+                argv[i : i + 2] == want for i in range(len(argv) - 1)):
+            return int(entry.name)
+    return None
 
 
 def _running(pid: int) -> bool:

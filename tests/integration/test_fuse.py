@@ -181,3 +181,19 @@ def test_cache_serves_after_blob_is_gone(fuse: tuple[FuseProcess, Path], tmp_pat
     subprocess.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], check=False)
     assert (mnt / "lower/bin/big").read_bytes() == BIG
     assert Digest.of(BIG)  # sanity: data compared above came through the chunk cache
+
+
+def test_stop_finds_a_process_whose_socket_is_gone(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("FUSE mounts need root")
+    cfg = FuseConfig(mountpoint=tmp_path / "mnt", control=tmp_path / "fuse.sock",
+                     cache_dir=tmp_path / "cache", cache_size=1 << 20,
+                     log_file=tmp_path / "fuse.log")
+    proc = FuseProcess(cfg)
+    proc.start()
+    pid = int(proc.call("ping")["pid"])
+    cfg.control.unlink()  # e.g. its directory was cleaned away under it
+    proc.stop()
+    assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(
+        f"/proc/{pid}/status").read_text().lower()
+    subprocess.run(["umount", "-l", str(cfg.mountpoint)], capture_output=True)
