@@ -10,7 +10,6 @@ sparse files, multi-volume archives, unknown entry types, unsafe paths.
 
 from __future__ import annotations
 
-import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -314,8 +313,3 @@ class TarReader:
             xattrs=xattrs,
             header_offset=start,
         )
-
-
-def normpath(name: bytes) -> bytes:
-    """Join-safe form of a cleaned name (used by readers resolving hard links)."""
-    return posixpath.normpath(name) if name else b""

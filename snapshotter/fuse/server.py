@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -197,8 +198,8 @@ class Server:
 
     def op_stats(self, req: dict[str, Any]) -> dict[str, Any]:
         f, c = self.fetcher.stats, self.cache.stats()
-        return {"fetch": vars(f).copy(), "cache": vars(c).copy() if hasattr(c, "__dict__")
-                else c.__dict__, "pid": os.getpid()}
+        return {"fetch": dataclasses.asdict(f), "cache": dataclasses.asdict(c),
+                "pid": os.getpid()}
 
     def op_prune(self, req: dict[str, Any]) -> dict[str, Any]:
         target = int(req.get("target_bytes", 0))
