@@ -28,6 +28,7 @@ from snapshotter.config import Config, GrpcConfig
 from snapshotter.fuseproc import FuseConfig, FuseProcess
 from snapshotter.metadata import MetaStore
 from snapshotter.metrics_http import serve_metrics
+from snapshotter.registry.client import warm_up
 from snapshotter.remote import RemoteLayers
 from snapshotter.snapshots import Snapshotter
 
@@ -52,6 +53,7 @@ def run(config: Config) -> int:
         try:
             snapshotter = _snapshotter(config, store, fuse)
             if fuse is not None:
+                threading.Thread(target=warm_up, name="zest-warm-up", daemon=True).start()
                 fuse.ensure()  # up before the first Prepare: a pull should not wait for it
             snapshotter.restore()
             _install_signal_handlers(stop)

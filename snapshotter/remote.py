@@ -12,6 +12,7 @@ snapshot (`<root>/snapshots/<id>/remote.json`), so re-mounting needs no network.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -21,7 +22,7 @@ import subprocess
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,7 @@ class RemoteLayers:
         self._clients: dict[str, RegistryClient] = {}
         self._manifests: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._profiles: dict[str, Profile | None] = {}
+        self._toc_jobs: dict[str, Future[None]] = {}  # by TOC digest hex, while in flight
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="zest-remote")
         self._lock = threading.Lock()
 
@@ -126,11 +128,14 @@ class RemoteLayers:
         manifest: dict[str, Any] = json.loads(m.data)
         if m.media_type not in st.MANIFEST_TYPES:
             raise NotServable(f"{digest} is a {m.media_type}, not an image manifest")
+        self._remember(digest, manifest)
+        return manifest
+
+    def _remember(self, digest: str, manifest: dict[str, Any]) -> None:
         with self._lock:
             self._manifests[digest] = manifest
             while len(self._manifests) > 64:
                 self._manifests.popitem(last=False)
-        return manifest
 
     def _profile(self, client: RegistryClient, repo: str, manifest_digest: str) -> Profile | None:
         """The image's published profile (an artifact tagged after its manifest), if any."""
@@ -176,6 +181,7 @@ class RemoteLayers:
         image (ctr-remote): the image's manifest, or in an index the first that has it."""
         top = client.get_manifest(repo, reference)
         if top.media_type in st.MANIFEST_TYPES:
+            self._remember(top.digest, json.loads(top.data))  # saves fetching it again
             return top.digest
         for d in json.loads(top.data).get("manifests") or []:
             child = client.get_manifest(repo, d["digest"])
@@ -209,9 +215,18 @@ class RemoteLayers:
         desc = layers[index]
         what = f"{req.image_ref} layer {index + 1}/{len(layers)} {req.layer_digest}"
         footer = fmt.footer_from_annotations(desc.get("annotations") or {})
-        # the profile lookup (one round trip, usually a 404) overlaps the TOC fetch
-        profile_job = (self._pool.submit(self._profile, client, ref.repository, manifest_digest)
-                       if footer is not None else None)
+        profile_job = None
+        if footer is not None:
+            # the profile lookup (one round trip, usually a 404) overlaps the TOC fetch
+            profile_job = self._pool.submit(self._profile, client, ref.repository,
+                                            manifest_digest)
+            # containerd asks for the layers one by one; fetch the later ones' TOCs meanwhile
+            for n, later in enumerate(layers[index + 1:], index + 2):
+                later_footer = fmt.footer_from_annotations(later.get("annotations") or {})
+                if later_footer is not None:
+                    self._start_toc(client, ref.api_host, ref.repository, later, later_footer,
+                                    profile_job, f"{req.image_ref} layer {n}/{len(layers)} "
+                                    f"{later['digest']}")
         if footer is None:
             config = self._config(client, ref.repository, manifest)
             state = self._unpack(client, ref.repository, manifest, config, index, mountpoint,
@@ -256,25 +271,63 @@ class RemoteLayers:
         except Exception as exc:  # a guess that fails costs nothing but the guess
             log.info("no predicted prefetch", extra={"kv": {"reason": exc}})
 
+    def _fetch_toc(self, client: RegistryClient, repo: str, desc: dict[str, Any],
+                   footer: fmt.Footer) -> None:
+        """One range request: the annotations (covered by the manifest digest) locate it."""
+        payload = client.read_range(repo, desc["digest"], footer.toc_offset, footer.toc_size)
+        toc = fmt.decode_toc(payload, footer.toc_digest)  # verifies the digest
+        tocmod.check_chunk_table(toc, int(desc["size"]))
+        _write_atomic(self.tocs / footer.toc_digest.hex, payload, sync=False)
+
+    def _start_toc(self, client: RegistryClient, host: str, repo: str, desc: dict[str, Any],
+                   footer: fmt.Footer, profile_job: Future[Profile | None], what: str) -> None:
+        """Fetch a later layer's TOC now and, if it has a prefetch list, start on that too."""
+        key = footer.toc_digest.hex
+        with self._lock:
+            if key in self._toc_jobs or (self.tocs / key).exists():
+                return
+
+            def job() -> None:
+                try:
+                    self._fetch_toc(client, repo, desc, footer)
+                finally:
+                    with self._lock:
+                        self._toc_jobs.pop(key, None)
+                if not self.prefetch:
+                    return
+                profile = profile_job.result()
+                try:
+                    self.fuse.call("warm", toc_path=str(self.tocs / key),
+                                   toc_digest=str(footer.toc_digest),
+                                   source=self._source(host, repo, desc["digest"]), what=what,
+                                   profile=profile.layers.get(desc["digest"], [])
+                                   if profile else [])
+                except ControlError as exc:  # the layer's own prefetch starts at its mount
+                    log.info("no early prefetch", extra={"kv": {"layer": what, "reason": exc}})
+
+            self._toc_jobs[key] = self._pool.submit(job)
+
     def _lazy(self, client: RegistryClient, host: str, repo: str, desc: dict[str, Any],
               footer: fmt.Footer, mountpoint: Path, what: str) -> dict[str, Any]:
         digest = desc["digest"]
         toc_file = self.tocs / footer.toc_digest.hex
+        with self._lock:
+            ahead = self._toc_jobs.get(footer.toc_digest.hex)
+        if ahead is not None:
+            with contextlib.suppress(Exception):  # on failure, fetch it here and report that
+                ahead.result()
         if not toc_file.exists():
-            def read(off: int, n: int) -> bytes:
-                return client.read_range(repo, digest, off, n)
-
-            # one range request: the annotations (covered by the manifest digest) locate it
-            payload = read(footer.toc_offset, footer.toc_size)
-            toc = fmt.decode_toc(payload, footer.toc_digest)  # verifies the digest
-            tocmod.check_chunk_table(toc, int(desc["size"]))
-            _write_atomic(toc_file, payload, sync=False)  # verified by digest when loaded
+            self._fetch_toc(client, repo, desc, footer)
         sid = int(mountpoint.parent.name)
         return {"kind": "lazy", "name": str(sid), "slot": sid, "toc_path": str(toc_file),
                 "toc_digest": str(footer.toc_digest), "what": what,
-                "source": {"kind": "registry", "host": host, "repo": repo, "digest": digest,
-                           "plain_http": host in self.plain_http_hosts,
-                           "hosts_dir": str(self.hosts_dir) if self.hosts_dir else None}}
+                "source": self._source(host, repo, digest)}
+
+    def _source(self, host: str, repo: str, digest: str) -> dict[str, Any]:
+        """Where the FUSE process reads a layer's blob from."""
+        return {"kind": "registry", "host": host, "repo": repo, "digest": digest,
+                "plain_http": host in self.plain_http_hosts,
+                "hosts_dir": str(self.hosts_dir) if self.hosts_dir else None}
 
     def _unpack(self, client: RegistryClient, repo: str, manifest: dict[str, Any],
                 config: dict[str, Any], index: int, mountpoint: Path,

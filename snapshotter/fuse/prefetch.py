@@ -13,7 +13,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from chunkstore.fetch import ChunkRef, Fetcher
+from chunkstore.fetch import ChunkRef, Fetcher, RangeSource
 from snapshotter.fuse.layers import Layer
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,23 @@ class Prefetcher:
                 log.warning("predicted prefetch stopped", extra={"kv": {"error": exc}})
 
         threading.Thread(target=run, name="prefetch-predicted", daemon=True).start()
+
+    def warm(self, source: RangeSource, refs: list[ChunkRef], what: str) -> None:
+        """Fetch a layer's prefetch list before the layer is served (containerd has not asked
+        for it yet): the chunks land in the cache, where the layer's own prefetch finds them."""
+        def run() -> None:
+            try:
+                todo = [r for r in refs if not self.fetcher.is_cached(r)]
+                jobs = [self._pool.submit(self.fetcher.get, source, group, f"{what} (prefetch)",
+                                          demand=False)
+                        for group in plan_waves(todo, self.fetcher.max_gap)]
+                for job in jobs:
+                    job.result()
+            except Exception as exc:  # best effort: the layer's own prefetch tries again
+                log.warning("early prefetch stopped", extra={"kv": {"layer": what,
+                                                                    "error": exc}})
+
+        threading.Thread(target=run, name="prefetch-early", daemon=True).start()
 
     def stop(self, name: str) -> None:
         with self._lock:

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +41,11 @@ from snapshotter.fuse.predict import MergedView, Predictor
 from snapshotter.fuse.prefetch import Prefetcher
 from snapshotter.fuse.reader import Reader
 from snapshotter.fuse.tree import LayerTree
-from snapshotter.registry.client import RegistryClient
+from snapshotter.registry.client import RegistryClient, warm_up
 
 log = logging.getLogger("snapshotter.fuse.server")
+
+_KEPT_TREES = 16
 
 
 class _RegistryBlob:
@@ -70,6 +73,8 @@ class Server:
         self.ops = Operations(self.layers, self.reader)
         self._clients: dict[tuple[str, bool], RegistryClient] = {}
         self._clients_lock = threading.Lock()
+        # trees built by `warm` for layers not yet added, by TOC digest (add takes them)
+        self._trees: OrderedDict[str, LayerTree] = OrderedDict()
 
     # -- sources ---------------------------------------------------------------
     def _source(self, spec: dict[str, Any]) -> RangeSource:
@@ -86,15 +91,38 @@ class Server:
                     key[0], Path(hosts_dir) if hosts_dir else None, plain_http=key[1])
         return _RegistryBlob(client, spec["repo"], spec["digest"])
 
+    def _tree(self, toc_path: str, toc_digest: str, keep: bool) -> LayerTree:
+        with self._clients_lock:
+            tree = self._trees.get(toc_digest) if keep else self._trees.pop(toc_digest, None)
+        if tree is None:
+            payload = Path(toc_path).read_bytes()
+            tree = LayerTree(fmt.decode_toc(payload, Digest.parse(toc_digest)))
+            if keep:
+                with self._clients_lock:
+                    self._trees[toc_digest] = tree
+                    while len(self._trees) > _KEPT_TREES:
+                        self._trees.popitem(last=False)
+        return tree
+
     # -- control ops -----------------------------------------------------------
+    def op_warm(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Start fetching the prefetch list of a layer that containerd will ask for next."""
+        tree = self._tree(req["toc_path"], req["toc_digest"], keep=True)
+        offsets = list(tree.toc.prefetch) or [int(x) for x in req.get("profile") or []]
+        if not offsets:
+            return {"chunks": 0}
+        by_offset = {r.blob_offset: r for r in tree.all_chunks()}
+        refs = [by_offset[o] for o in offsets if o in by_offset]
+        self.prefetcher.warm(self._source(req["source"]), refs, str(req.get("what", "")))
+        return {"chunks": len(refs)}
+
     def op_add(self, req: dict[str, Any]) -> dict[str, Any]:
         name = str(req["name"])
         existing = self.layers.by_name(name)
         if existing is not None:
             return {"slot": existing.slot}
-        payload = Path(req["toc_path"]).read_bytes()
-        toc = fmt.decode_toc(payload, Digest.parse(req["toc_digest"]))
-        tree = LayerTree(toc)
+        tree = self._tree(req["toc_path"], req["toc_digest"], keep=False)
+        toc = tree.toc
         layer = Layer(name=name, slot=int(req["slot"]), tree=tree,
                       source=self._source(req["source"]), what=str(req.get("what", name)),
                       digest=str(req["source"].get("digest", "")),
@@ -319,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     options = {"fsname=zest", "subtype=zest", "ro", "allow_other", "default_permissions"}
     pyfuse3.init(server.ops, str(mountpoint), options)
     log.info("FUSE process serving", extra={"kv": {"mountpoint": mountpoint, "pid": os.getpid()}})
+    threading.Thread(target=warm_up, name="zest-warm-up", daemon=True).start()
     try:
         trio.run(_main, server, args.control, args.ready_fd)
     finally:

@@ -13,10 +13,12 @@ mutable state. A stream from `open_blob` belongs to one thread.
 
 from __future__ import annotations
 
+import functools
 import io
 import ipaddress
 import json
 import logging
+import ssl
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -110,6 +112,18 @@ def _is_temporary(exc: BaseException) -> bool:
     return isinstance(exc, (_TemporaryError, *_TEMPORARY_HTTPX))
 
 
+@functools.cache
+def _system_tls() -> ssl.SSLContext:
+    """One context with the system CAs for every client: loading them costs ~20 ms a time."""
+    return httpx.create_ssl_context()
+
+
+def warm_up() -> None:
+    """Pays the first client's one-off costs (httpcore's and trio's imports, the CA bundle)
+    now, so that they are not paid on the first pull. Long-running processes call it at start."""
+    httpx.Client(verify=_system_tls()).close()
+
+
 class RegistryClient:
     """Distribution API calls against one registry host; see the module docstring."""
 
@@ -140,7 +154,7 @@ class RegistryClient:
             limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
             headers={"User-Agent": _USER_AGENT, **dict(endpoint.headers if endpoint else ())},
             transport=transport,
-            verify=endpoint.tls() if endpoint else True,
+            verify=_verify(endpoint),
         )
         creds = credentials if credentials is not None else load_docker_credentials(host)
         self.auth = RegistryAuth(host, creds, self._http, base_url=self.base_url)
@@ -507,6 +521,11 @@ class _BlobStream(io.RawIOBase):
         if not self.closed:
             self._response.close()
         super().close()
+
+
+def _verify(endpoint: Endpoint | None) -> ssl.SSLContext | bool:
+    tls = endpoint.tls() if endpoint else True
+    return _system_tls() if tls is True else tls
 
 
 def _location(response: httpx.Response, target: _Target) -> httpx.URL:

@@ -58,6 +58,7 @@ class Recipe:
     layers: tuple[LayerStep, ...]  # one step per layer, each applied to the previous rootfs
     cmd: tuple[str, ...]
     expected_output: str  # what `ctr run` of the image prints
+    base: str | None = None  # recipe whose image these layers go on top of (its layers shared)
 
 
 # --- running commands ---------------------------------------------------------------------------
@@ -196,23 +197,51 @@ def _chroot_env(rootfs: Path) -> Iterator[None]:
         resolv.unlink(missing_ok=True)
 
 
-def _python_layer(rootfs: Path, scratch: Path) -> None:
-    """python3 from Debian, installed with apt inside the image; lists and caches removed.
-
-    Also deletes /etc/motd from the layer below, so that the layer carries a whiteout.
-    """
+def _apt_install(rootfs: Path, packages: Sequence[str]) -> None:
+    """apt-get install inside the image, services kept from starting; lists and caches removed."""
     env = {
         "DEBIAN_FRONTEND": "noninteractive",
         "PATH": PATH_ENV.removeprefix("PATH="),
         "LANG": "C.UTF-8",
     }
     apt: list[str | os.PathLike[str]] = ["chroot", rootfs, "apt-get", "-q", "-o", "Dpkg::Use-Pty=0"]
+    policy = rootfs / "usr" / "sbin" / "policy-rc.d"
     with _chroot_env(rootfs):
-        _run([*apt, "update"], env=env, timeout=900)
-        _run([*apt, "install", "-y", "--no-install-recommends", "python3"], env=env, timeout=1200)
-        _run([*apt, "clean"], env=env)
-    (rootfs / "etc" / "motd").unlink(missing_ok=True)
+        policy.write_text("#!/bin/sh\nexit 101\n")  # invoke-rc.d: start no daemon in the chroot
+        policy.chmod(0o755)
+        try:
+            _run([*apt, "update"], env=env, timeout=900)
+            _run([*apt, "install", "-y", "--no-install-recommends", *packages], env=env,
+                 timeout=1800)
+            _run([*apt, "clean"], env=env)
+        finally:
+            policy.unlink(missing_ok=True)
     _strip_runtime_files(rootfs)
+
+
+def _python_layer(rootfs: Path, scratch: Path) -> None:
+    """python3 from Debian, installed with apt inside the image; lists and caches removed.
+
+    Also deletes /etc/motd from the layer below, so that the layer carries a whiteout.
+    """
+    _apt_install(rootfs, ["python3"])
+    (rootfs / "etc" / "motd").unlink(missing_ok=True)
+
+
+def apt_layer(*packages: str, remove: Sequence[str] = ()) -> LayerStep:
+    """A layer step installing Debian `packages`, then deleting the `remove` paths (globs)."""
+
+    def step(rootfs: Path, scratch: Path) -> None:
+        _apt_install(rootfs, packages)
+        for pattern in remove:
+            for path in rootfs.glob(pattern):
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+
+    step.__doc__ = f"apt-get install {' '.join(packages)}"
+    return step
 
 
 # --- recipes ------------------------------------------------------------------------------------
@@ -234,8 +263,23 @@ RECIPES: dict[str, Recipe] = {
             cmd=("python3", "-c", "print('hello')"),
             expected_output="hello",
         ),
+        Recipe(
+            name="debian-base",
+            version="1",
+            layers=(_debootstrap_layer,),
+            cmd=("perl", "-e", "print qq(hello from perl\\n)"),
+            expected_output="hello from perl",
+        ),
     )
 }
+
+
+def register(recipe: Recipe) -> Recipe:
+    """Adds a recipe (the benchmarks keep theirs next to them); returns it."""
+    known = RECIPES.setdefault(recipe.name, recipe)
+    if known != recipe:
+        raise ValueError(f"a different recipe named {recipe.name!r} is already registered")
+    return recipe
 
 
 # --- cache --------------------------------------------------------------------------------------
@@ -300,8 +344,11 @@ def _build(recipe: Recipe, layout: Path, work: Path) -> None:
     bundle = work / "bundle"
     scratch = work / "scratch"
     scratch.mkdir()
-    _umoci("init", "--layout", layout)
-    _umoci("new", "--image", image)
+    if recipe.base is not None:  # start from the base image: its layer blobs stay byte-identical
+        shutil.copytree(image_layout(recipe.base), layout, symlinks=True)
+    else:
+        _umoci("init", "--layout", layout)
+        _umoci("new", "--image", image)
     _umoci("unpack", "--image", image, bundle)
     for step in recipe.layers:
         step(bundle / "rootfs", scratch)
