@@ -10,9 +10,8 @@ empty cache):
   * overlayfs: `ctr image pull` of the original, then `ctr run`;
   * zest:      `zest pull` of the converted image, then `ctr run --snapshotter zest`;
 measuring the time from the start of the pull to the first line the container
-prints, and the bytes the registry served until then. Also: sequential read
-of a 256 MiB file through FUSE, cold (fetched over loopback) and warm (chunk
-cache), next to the same file read from local disk.
+prints, and the bytes the registry served until then. (Read throughput through
+FUSE is measured by bench/fuse_io.py.)
 Writes bench/results/lazy_start.json and .md.
 """
 
@@ -20,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -115,60 +113,11 @@ def _optimize(base: Path, src: str, dst: str) -> None:
         zsd.remove()
 
 
-def _read_all(path: Path) -> float:
-    t = time.monotonic()
-    with open(path, "rb", buffering=0) as f:
-        while f.read(1 << 20):
-            pass
-    return time.monotonic() - t
-
-
-def _fuse_throughput(base: Path, registry: LocalRegistry) -> dict[str, float]:
-    """256 MiB file: cold through FUSE (fetched from the loopback registry), warm (from the
-    chunk cache, page cache dropped) and from local disk."""
-    from tests.support import ocibuild as ob
-
-    size = 256 << 20
-    data = os.urandom(1 << 20) * 64 + bytes(size - (64 << 20))  # half random, half zeros
-    work = base / "fusebench"
-    work.mkdir()
-    local = work / "local.bin"
-    local.write_bytes(data)
-    layout = ob.write_image(work / "img", ob.Image([ob.Layer(ob.make_tar({"big.bin": data}),
-                                                             compression="tar")]))
-    del data
-    subprocess.run([ZEST, "convert", "--no-progress", f"oci:{layout}:latest",
-                    f"{registry.host}/bench/big:1"], check=True, capture_output=True)
-    port_cfg = "[remote]\nbackground_prefetch = false\nmetrics_address = \"\"\n"
-    zsd = Snapshotterd(config_toml=port_cfg, log_level="warning").start()
-    try:
-        with Containerd(base, extra_toml=proxy_plugin_toml("zest", zsd.address)) as ctrd:
-            subprocess.run([ZEST, "pull", "--address", str(ctrd.address), "--namespace",
-                            ctrd.namespace, f"{registry.host}/bench/big:1"], check=True,
-                           capture_output=True)
-            fuse_file = next((zsd.root / "fuse/mnt").glob("*/big.bin"))
-            _drop_caches()
-            cold = _read_all(fuse_file)
-            _drop_caches()
-            warm = _read_all(fuse_file)
-            _drop_caches()
-            disk = _read_all(local)
-    finally:
-        zsd.stop()
-        zsd.remove()
-    mb = size / 1e6
-    return {"fuse_cold_mb_s": round(mb / cold, 1), "fuse_warm_mb_s": round(mb / warm, 1),
-            "local_disk_mb_s": round(mb / disk, 1),
-            "warm_vs_disk_ratio": round(disk / warm, 2),
-            "cold_vs_disk_ratio": round(disk / cold, 2)}
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--mbit", type=float, default=100)
     ap.add_argument("--rtt-ms", type=float, default=20)
-    ap.add_argument("--skip-fuse", action="store_true")
     args = ap.parse_args()
     base = Path(tempfile.mkdtemp(prefix="zbench-"))
     out: dict[str, Any] = {"link": {"mbit": args.mbit, "rtt_ms": args.rtt_ms},
@@ -198,8 +147,6 @@ def main() -> int:
                 out[f"speedup_{name}"] = round(base_s / out[name]["first_output_s"], 2)
                 out[f"bytes_ratio_{name}"] = round(out[name]["bytes"]
                                                    / out["overlayfs"]["bytes"], 3)
-            if not args.skip_fuse:
-                out["fuse_read_256mib"] = _fuse_throughput(base, reg)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     RESULTS.mkdir(exist_ok=True)
@@ -216,9 +163,6 @@ def main() -> int:
     for name in ("zest", "zest+profile"):
         md.append(f"\n{name} is **{out[f'speedup_{name}']}x** faster to first output than "
                   f"overlayfs and moved {out[f'bytes_ratio_{name}']:.1%} of the bytes before it.")
-    if "fuse_read_256mib" in out:
-        md.append("\n| 256 MiB sequential read | MB/s |\n|---|---|")
-        md += [f"| {k} | {v} |" for k, v in out["fuse_read_256mib"].items()]
     (RESULTS / "lazy_start.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0
