@@ -2,7 +2,8 @@
 
 The read path's contract: every byte returned was decompressed from the blob
 and matched its SHA-256 before it was cached or handed out. Missing chunks
-that lie close together in the blob are fetched with one range request;
+that lie close together in the blob are fetched with one range request, and
+the ranges one call needs go out as one multi-range request when the source can;
 concurrent callers wanting the same digest share one fetch. A chunk that fails
 verification is fetched once more on its own, then reported unavailable.
 
@@ -21,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import zstandard
 
@@ -36,6 +37,13 @@ class RangeSource(Protocol):
     """One blob that can be read by byte range (a registry blob, a local file)."""
 
     def read_range(self, offset: int, length: int) -> bytes: ...
+
+
+@runtime_checkable
+class MultiRangeSource(RangeSource, Protocol):
+    """A blob that can return several (offset, length) ranges for one request."""
+
+    def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,8 +185,17 @@ class Fetcher:
                     waiting[ref.digest] = fut
         out: dict[bytes, bytes] = {}
         try:
-            for group in self._groups(sorted(owned, key=lambda r: r.blob_offset)):
-                out.update(self._fetch_group(source, group, what))
+            groups = self._groups(sorted(owned, key=lambda r: r.blob_offset))
+            if len(groups) > 1 and isinstance(source, MultiRangeSource):
+                blobs = self._read_many(source, [(g[0].blob_offset, g[-1].end - g[0].blob_offset)
+                                                 for g in groups])
+                for group, blob in zip(groups, blobs, strict=True):
+                    out.update(self._decode_group(source, group, blob, what))
+            else:
+                for group in groups:
+                    start, end = group[0].blob_offset, group[-1].end
+                    blob = self._read(source, start, end - start)
+                    out.update(self._decode_group(source, group, blob, what))
         except BaseException as exc:
             err = exc if isinstance(exc, ChunkUnavailable) else ChunkUnavailable(
                 f"{what}: fetching chunks failed: {exc}")
@@ -214,10 +231,9 @@ class Fetcher:
             groups.append([ref])
         return groups
 
-    def _fetch_group(self, source: RangeSource, group: list[ChunkRef],
-                     what: str) -> dict[bytes, bytes]:
-        start, end = group[0].blob_offset, group[-1].end
-        blob = self._read(source, start, end - start)
+    def _decode_group(self, source: RangeSource, group: list[ChunkRef], blob: bytes,
+                      what: str) -> dict[bytes, bytes]:
+        start = group[0].blob_offset
         out: dict[bytes, bytes] = {}
         for ref in group:
             frame = blob[ref.blob_offset - start : ref.end - start]
@@ -253,6 +269,18 @@ class Fetcher:
             raise ChunkUnavailable(f"short range read: {len(data)} of {length} bytes at "
                                    f"offset {offset}")
         return data
+
+    def _read_many(self, source: MultiRangeSource,
+                   ranges: list[tuple[int, int]]) -> list[bytes]:
+        datas = source.read_ranges(ranges)
+        with self._lock:
+            self.stats.requests += 1
+            self.stats.bytes_fetched += sum(len(d) for d in datas)
+        for (offset, length), data in zip(ranges, datas, strict=True):
+            if len(data) != length:
+                raise ChunkUnavailable(f"short range read: {len(data)} of {length} bytes at "
+                                       f"offset {offset}")
+        return datas
 
     def _decode(self, ref: ChunkRef, frame: bytes) -> bytes | None:
         dctx = getattr(self._local, "dctx", None)

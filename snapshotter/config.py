@@ -102,6 +102,11 @@ class RemoteConfig:
     # follow in the blob (neighbouring files) in the same request. It saves round trips but
     # spends bandwidth the prefetcher would use; with prediction on, 0 measured best.
     readahead_kb: int = 0
+    # A read that must go to the registry starts fetching the rest of its file, in the
+    # background with parallel requests, when the file is at most this many MiB (0: off).
+    # Programs touch most of the binaries and libraries they map, one page fault at a time;
+    # this turns those round trips into a few large requests.
+    whole_file_mb: int = 64
     # With no recorded profile in an image, guess what its entrypoint reads first (the binary,
     # its ELF interpreter and libraries, a Python's start-up modules) and prefetch that.
     predict: bool = True
@@ -120,6 +125,8 @@ class RemoteConfig:
     metrics_address: str = "127.0.0.1:9911"
 
     def validate(self) -> None:
+        if self.whole_file_mb < 0:
+            raise ConfigError("remote.whole_file_mb must be 0 (off) or more")
         if self.cache_size_mb < 1:
             raise ConfigError("remote.cache_size_mb must be at least 1")
         if self.prefetch_parallel < 1 or self.unpack_parallel < 1:

@@ -88,7 +88,8 @@ def _fuse_process(config: Config) -> FuseProcess:
         cache_dir=config.root / "cache", cache_size=config.remote.cache_size_mb << 20,
         log_file=fuse_dir / "fuse.log", background_prefetch=config.remote.background_prefetch,
         prefetch_parallel=config.remote.prefetch_parallel,
-        readahead=config.remote.readahead_kb << 10, log_level=config.log_level))
+        readahead=config.remote.readahead_kb << 10, whole_file=config.remote.whole_file_mb << 20,
+        log_level=config.log_level))
 
 
 def _snapshotter(config: Config, store: MetaStore, fuse: FuseProcess | None) -> Snapshotter:

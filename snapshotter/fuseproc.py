@@ -32,6 +32,7 @@ class FuseConfig:
     background_prefetch: bool = True
     prefetch_parallel: int = 4
     readahead: int = 512 * 1024
+    whole_file: int = 64 << 20
     log_level: str = "info"
 
 
@@ -65,7 +66,7 @@ class FuseProcess:
                "--mountpoint", str(cfg.mountpoint), "--control", str(cfg.control),
                "--cache-dir", str(cfg.cache_dir), "--cache-size", str(cfg.cache_size),
                "--prefetch-parallel", str(cfg.prefetch_parallel),
-               "--readahead", str(cfg.readahead),
+               "--readahead", str(cfg.readahead), "--whole-file", str(cfg.whole_file),
                "--profile-dir", str(cfg.cache_dir.parent / "profiles"),
                "--log-level", cfg.log_level, "--ready-fd", str(write_fd)]
         if not cfg.background_prefetch:

@@ -58,6 +58,9 @@ class Layer:
     last_touch: float = 0.0
     # a prefetch list from elsewhere (a profile artifact) when the TOC has none
     prefetch_override: list[int] = field(default_factory=list)
+    # files (local inode numbers) whose whole content a read miss already sent for
+    whole_files: set[int] = field(default_factory=set)
+    file_misses: dict[int, int] = field(default_factory=dict)  # reads that went out, by file
 
     @property
     def prefetch_list(self) -> list[int]:

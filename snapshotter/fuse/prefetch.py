@@ -8,12 +8,15 @@ threads; a read that wants a chunk prefetch already asked for joins that fetch
 
 from __future__ import annotations
 
+import itertools
 import logging
+import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
-from chunkstore.fetch import ChunkRef, Fetcher, RangeSource
+from chunkstore.fetch import ChunkRef, Fetcher, MultiRangeSource, RangeSource
 from snapshotter.fuse.layers import Layer
 
 log = logging.getLogger(__name__)
@@ -21,6 +24,8 @@ log = logging.getLogger(__name__)
 _BATCH_BYTES = 4 * 1024 * 1024  # one range request per batch of the prefetch list
 _BACKGROUND_BATCH_BYTES = 1024 * 1024  # smaller: a read never waits long behind one
 _WAVE_BYTES = 2 * 1024 * 1024  # prefetch-list chunks planned together (then by offset)
+_FIRST_WAVE_BYTES = 256 * 1024  # with multi-range requests: one request a wave
+_LAST_WAVE_BYTES = 4 * 1024 * 1024
 _QUIET_SECONDS = 2.0  # background fetching waits until on-demand reads paused this long
 
 
@@ -30,6 +35,22 @@ def _split(refs: list[ChunkRef], limit: int) -> list[list[ChunkRef]]:
     size = 0
     for r in refs:
         if not out or size + r.compressed_size > limit:
+            out.append([])
+            size = 0
+        out[-1].append(r)
+        size += r.compressed_size
+    return out
+
+
+def _growing_waves(refs: list[ChunkRef]) -> list[list[ChunkRef]]:
+    """Consecutive waves that double from _FIRST_WAVE_BYTES to _LAST_WAVE_BYTES: the first
+    chunks arrive after a short transfer, and a long list still takes few requests."""
+    out: list[list[ChunkRef]] = []
+    limit, size = _FIRST_WAVE_BYTES, 0
+    for r in refs:
+        if not out or size + r.compressed_size > limit:
+            if out:
+                limit = min(limit * 2, _LAST_WAVE_BYTES)
             out.append([])
             size = 0
         out[-1].append(r)
@@ -51,22 +72,62 @@ def _split_pairs(pairs: list[tuple[Layer, ChunkRef]],
 
 
 def plan_waves(refs: list[ChunkRef], max_gap: int, wave_bytes: int = _WAVE_BYTES,
-               max_request: int = _BATCH_BYTES) -> list[list[ChunkRef]]:
-    """Range requests for a prefetch list: waves of `wave_bytes` in first-touch order; inside
-    a wave, chunks sorted by blob offset and neighbours (gap <= max_gap) joined into one
-    request. Early chunks come first; round trips stay few."""
-    out: list[list[ChunkRef]] = []
-    for wave in _split(refs, wave_bytes):
+               max_request: int = _BATCH_BYTES) -> list[tuple[int, list[ChunkRef]]]:
+    """Range requests for a prefetch list, each with its wave number: waves of `wave_bytes`
+    in first-touch order; inside a wave, chunks sorted by blob offset and neighbours (gap <=
+    max_gap) joined into one request. Early chunks come first; round trips stay few."""
+    out: list[tuple[int, list[ChunkRef]]] = []
+    for n, wave in enumerate(_split(refs, wave_bytes)):
         group: list[ChunkRef] = []
         for r in sorted(wave, key=lambda c: c.blob_offset):
             if group and (r.blob_offset - group[-1].end > max_gap
                           or r.end - group[0].blob_offset > max_request):
-                out.append(group)
+                out.append((n, group))
                 group = []
             group.append(r)
         if group:
-            out.append(group)
+            out.append((n, group))
     return out
+
+
+class _RankedPool:
+    """Worker threads that take the queued job of lowest rank first (FIFO among equals):
+    wave n of every layer goes before wave n+1 of any, so no layer's list waits behind
+    another's whole list (the base layer's libc is what every program needs first)."""
+
+    def __init__(self, workers: int, name: str):
+        self._queue: queue.PriorityQueue[tuple[int, int, Callable[[], None] | None]] = (
+            queue.PriorityQueue())
+        self._seq = itertools.count()
+        for i in range(workers):
+            threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True).start()
+        self._workers = workers
+
+    def submit(self, rank: int, fn: Callable[..., object], *args: object,
+               **kw: object) -> Future[object]:
+        fut: Future[object] = Future()
+
+        def job() -> None:
+            if not fut.set_running_or_notify_cancel():
+                return
+            try:
+                fut.set_result(fn(*args, **kw))
+            except BaseException as exc:
+                fut.set_exception(exc)
+
+        self._queue.put((rank, next(self._seq), job))
+        return fut
+
+    def _work(self) -> None:
+        while True:
+            _, _, job = self._queue.get()
+            if job is None:
+                return
+            job()
+
+    def shutdown(self) -> None:
+        for _ in range(self._workers):
+            self._queue.put((1 << 62, next(self._seq), None))
 
 
 class Prefetcher:
@@ -75,7 +136,7 @@ class Prefetcher:
         self.fetcher = fetcher
         self.background = background
         self.quiet_seconds = quiet_seconds
-        self._pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="zest-prefetch")
+        self._pool = _RankedPool(parallel, "zest-prefetch")
         # the background rest goes one request at a time, so a read waits behind one at most
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zest-bg")
         self._stopped: set[str] = set()
@@ -99,9 +160,9 @@ class Prefetcher:
                     for layer, r in wave:
                         by_layer.setdefault(layer.name, (layer, []))[1].append(r)
                     for layer, refs in by_layer.values():
-                        for group in plan_waves(refs, self.fetcher.max_gap, wave_bytes=1 << 62):
-                            jobs.append(self._pool.submit(self._fetch_batch, layer, group,
-                                                          False, 0.0))
+                        for rank, batch in self._requests(layer.source, refs):
+                            jobs.append(self._pool.submit(rank, self._fetch_batch, layer,
+                                                          batch, False, 0.0))
                 for job in jobs:
                     job.result()
             except Exception as exc:  # best effort, like all prefetching
@@ -115,9 +176,9 @@ class Prefetcher:
         def run() -> None:
             try:
                 todo = [r for r in refs if not self.fetcher.is_cached(r)]
-                jobs = [self._pool.submit(self.fetcher.get, source, group, f"{what} (prefetch)",
-                                          demand=False)
-                        for group in plan_waves(todo, self.fetcher.max_gap)]
+                jobs = [self._pool.submit(rank, self.fetcher.get, source, batch,
+                                          f"{what} (prefetch)", demand=False)
+                        for rank, batch in self._requests(source, todo)]
                 for job in jobs:
                     job.result()
             except Exception as exc:  # best effort: the layer's own prefetch tries again
@@ -131,7 +192,7 @@ class Prefetcher:
             self._stopped.add(name)
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown()
         self._background.shutdown(wait=False, cancel_futures=True)
 
     def _run(self, layer: Layer) -> None:
@@ -161,16 +222,24 @@ class Prefetcher:
                 layer.prefetch_done += 1
             else:
                 todo.append(r)
+        futures: list[Future[object]]
         if ordered:
-            batches = plan_waves(todo, self.fetcher.max_gap)
-            pool = self._pool
+            futures = [self._pool.submit(rank, self._fetch_batch, layer, batch, False, mounted)
+                       for rank, batch in self._requests(layer.source, todo)]
         else:
-            batches = _split(todo, _BACKGROUND_BATCH_BYTES)
-            pool = self._background
-        futures = [pool.submit(self._fetch_batch, layer, b, not ordered, mounted)
-                   for b in batches]
+            futures = [self._background.submit(self._fetch_batch, layer, batch, True, mounted)
+                       for batch in _split(todo, _BACKGROUND_BATCH_BYTES)]
         for f in futures:
             f.result()
+
+    def _requests(self, source: RangeSource,
+                  refs: list[ChunkRef]) -> list[tuple[int, list[ChunkRef]]]:
+        """The chunks of each request, in first-touch order: a wave in one multi-range request
+        where the source does those, else one request per run of neighbouring chunks."""
+        multi = isinstance(source, MultiRangeSource)
+        if multi and getattr(source, "multirange", None) is not False:
+            return list(enumerate(_growing_waves(refs)))
+        return plan_waves(refs, self.fetcher.max_gap)
 
     def _fetch_batch(self, layer: Layer, batch: list[ChunkRef], background: bool,
                      mounted: float) -> None:

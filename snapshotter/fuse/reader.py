@@ -8,18 +8,37 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
-from chunkstore.fetch import Fetcher
+from chunkstore.fetch import ChunkRef, Fetcher
 from snapshotter.fuse.layers import Layer
 from snapshotter.metrics import READ_LATENCY
 
 log = logging.getLogger(__name__)
 
 
+_SMALL_FILE = 1 << 20
+WholeFile = Callable[[list[tuple[Layer, ChunkRef]]], None]
+
+
 class Reader:
-    def __init__(self, fetcher: Fetcher, readahead: int = 512 * 1024):
+    def __init__(self, fetcher: Fetcher, readahead: int = 512 * 1024, *, whole_file: int = 0,
+                 on_miss: WholeFile | None = None):
         self.fetcher = fetcher
         self.readahead = readahead  # compressed bytes after a miss that ride along
+        # files up to this size are fetched whole (by `on_miss`) once a read misses in them
+        self.whole_file = whole_file if on_miss is not None else 0
+        self.on_miss = on_miss
+
+    @staticmethod
+    def _enough_misses(layer: Layer, local: int, size: int, chunks: int) -> bool:
+        """Whether a file has shown that it will be read through: small ones at once, large
+        ones after misses in a sixteenth of their chunks (a program maps and touches most of
+        its binary; a sparse data file, such as ICU's, stays sparse)."""
+        if size <= _SMALL_FILE:
+            return True
+        misses = layer.file_misses[local] = layer.file_misses.get(local, 0) + 1
+        return misses >= max(2, chunks // 16)
 
     def read(self, layer: Layer, local: int, offset: int, size: int,
              record: bool = True) -> bytes:
@@ -34,6 +53,15 @@ class Reader:
             return b""
         if record:
             layer.touch([r.blob_offset for r in refs])
+        if (self.whole_file and e.size <= self.whole_file and len(e.chunks) > len(refs)
+                and local not in layer.whole_files
+                and not all(self.fetcher.is_cached(r) for r in refs)
+                and self._enough_misses(layer, local, e.size, len(e.chunks))):
+            layer.whole_files.add(local)
+            assert self.on_miss is not None
+            asked = {r.digest for r in refs}  # this read fetches those itself, at once
+            self.on_miss([(layer, ChunkRef(c.digest, c.blob_offset, c.compressed_size, c.size))
+                          for c in e.chunks if c.digest not in asked])
         what = f"{layer.what} file /{e.name.decode(errors='replace')}"
         extra = layer.tree.following(refs[-1], self.readahead) if self.readahead else []
         datas = self.fetcher.get(layer.source, refs, what, readahead=extra)

@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ _KEPT_TREES = 16
 
 
 class _RegistryBlob:
-    """RangeSource over one registry blob."""
+    """MultiRangeSource over one registry blob."""
 
     def __init__(self, client: RegistryClient, repo: str, digest: str):
         self.client, self.repo, self.digest = client, repo, digest
@@ -57,19 +58,27 @@ class _RegistryBlob:
     def read_range(self, offset: int, length: int) -> bytes:
         return self.client.read_range(self.repo, self.digest, offset, length)
 
+    def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        return self.client.read_ranges(self.repo, self.digest, ranges)
+
+    @property
+    def multirange(self) -> bool | None:
+        return self.client.multirange
+
 
 class Server:
     def __init__(self, mountpoint: Path, cache: ChunkCache, *, background_prefetch: bool,
                  prefetch_parallel: int, readahead: int = 512 * 1024,
-                 profile_dir: Path | None = None):
+                 whole_file: int = 0, profile_dir: Path | None = None):
         self.profile_dir = profile_dir
         self.mountpoint = mountpoint
         self.cache = cache
         self.fetcher = Fetcher(cache)
         self.layers = LayerSet()
-        self.reader = Reader(self.fetcher, readahead)
         self.prefetcher = Prefetcher(self.fetcher, parallel=prefetch_parallel,
                                      background=background_prefetch)
+        self.reader = Reader(self.fetcher, readahead, whole_file=whole_file,
+                             on_miss=self.prefetcher.fetch_files)
         self.ops = Operations(self.layers, self.reader)
         self._clients: dict[tuple[str, bool], RegistryClient] = {}
         self._clients_lock = threading.Lock()
@@ -330,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-background-prefetch", action="store_true")
     ap.add_argument("--prefetch-parallel", type=int, default=4)
     ap.add_argument("--readahead", type=int, default=512 * 1024)
+    ap.add_argument("--whole-file", type=int, default=64 << 20,
+                    help="a miss fetches the rest of files up to this size (0: off)")
     ap.add_argument("--profile-dir", help="where first-run profiles are kept")
     ap.add_argument("--ready-fd", type=int)
     ap.add_argument("--log-level", default="info")
@@ -343,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     server = Server(mountpoint, ChunkCache(args.cache_dir, args.cache_size),
                     background_prefetch=not args.no_background_prefetch,
                     prefetch_parallel=args.prefetch_parallel, readahead=args.readahead,
+                    whole_file=args.whole_file,
                     profile_dir=Path(args.profile_dir) if args.profile_dir else None)
     options = {"fsname=zest", "subtype=zest", "ro", "allow_other", "default_permissions"}
     pyfuse3.init(server.ops, str(mountpoint), options)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chunkstore import format as fmt
+from chunkstore.chunker import DEFAULT_PARAMS, ChunkerParams
 from chunkstore.convert import LayerResult, convert_tar
 from chunkstore.digest import Digest
 from chunkstore.errors import ChunkstoreError, FormatError
@@ -44,6 +45,7 @@ class ConvertOptions:
     threads: int = 0
     progress: bool = True
     tmpdir: str | None = None
+    chunking: ChunkerParams = DEFAULT_PARAMS
 
 
 @dataclass
@@ -126,8 +128,8 @@ def _convert_layer(run: _Run, desc: dict[str, Any], diff_id: str | None,
         raw = VerifyingReader(run.src.open_blob(digest), digest, size, what)
         tar, kind = open_tar_stream(raw, what)
         try:
-            result = convert_tar(tar, tmp, level=run.opts.level, threads=run.opts.threads,
-                                 progress=update)
+            result = convert_tar(tar, tmp, params=run.opts.chunking, level=run.opts.level,
+                                 threads=run.opts.threads, progress=update)
             raw.check()
         except ChunkstoreError as exc:
             raise ConvertError(f"{what}: {exc}" if what not in str(exc) else str(exc)) from exc
@@ -237,8 +239,10 @@ def run_convert(args: argparse.Namespace) -> int:
         dst, dst_ref = open_store(args.dst, plain_http=args.plain_http, for_writing=True)
         try:
             tag = None if dst_ref.startswith("sha256:") else dst_ref
+            avg = args.chunk_kb << 10
             opts = ConvertOptions(level=args.level, threads=args.threads,
-                                  progress=not args.no_progress)
+                                  progress=not args.no_progress,
+                                  chunking=ChunkerParams(avg // 4, avg, avg * 4))
             started = time.monotonic()
             new, results = convert_image(src, src_ref, dst, tag, opts)
             secs = time.monotonic() - started

@@ -20,7 +20,7 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
@@ -37,12 +37,14 @@ from snapshotter.image.store import (
     OCI_MANIFEST,
     Manifest,
 )
+from snapshotter.registry import byteranges
 from snapshotter.registry.auth import (
     Credentials,
     RegistryAuth,
     docker_config_path,
     load_docker_credentials,
 )
+from snapshotter.registry.byteranges import Range
 from snapshotter.registry.digests import CHUNK_SIZE, verified_chunks
 from snapshotter.registry.errors import (
     AuthError,
@@ -158,6 +160,9 @@ class RegistryClient:
         )
         creds = credentials if credentials is not None else load_docker_credentials(host)
         self.auth = RegistryAuth(host, creds, self._http, base_url=self.base_url)
+        # whether the registry answers a multi-range request with just those ranges; None
+        # until it has been asked (see read_ranges)
+        self.multirange: bool | None = None
 
     @classmethod
     def for_host(
@@ -296,6 +301,58 @@ class RegistryClient:
             if len(data) != length:
                 raise _TemporaryError(f"{target}: got {len(data)} of {length} bytes at {offset}")
             return data
+
+        return self._with_retry(target, once)
+
+    def read_ranges(self, repo: str, digest: str, ranges: Sequence[Range]) -> list[bytes]:
+        """The bytes of each (offset, length) range of a blob, asking for up to MAX_RANGES of
+        them in one request. A registry that answers with the whole blob (no multi-range
+        support) is remembered, and gets one request per range from then on."""
+        out: list[bytes] = []
+        for i in range(0, len(ranges), byteranges.MAX_RANGES):
+            batch = ranges[i:i + byteranges.MAX_RANGES]
+            if len(batch) == 1 or self.multirange is False:
+                out += [self.read_range(repo, digest, off, n) for off, n in batch]
+                continue
+            got = self._read_multi(repo, digest, batch)
+            if got is None:
+                out += [self.read_range(repo, digest, off, n) for off, n in batch]
+            else:
+                out += got
+        return out
+
+    def _read_multi(self, repo: str, digest: str, ranges: Sequence[Range]) -> list[bytes] | None:
+        Digest.parse(digest)
+        target = _Target("blob", self.host, repo, digest)
+        headers = {**_IDENTITY, "Range": byteranges.range_header(ranges)}
+        url = f"/v2/{repo}/blobs/{digest}"
+
+        def once() -> list[bytes] | None:
+            response = self._attempt("GET", url, headers=headers)
+            try:
+                self._check(response, target, ok=(200, 206))
+                if response.status_code == 200:  # the whole blob is coming: hang up
+                    log.info("registry does not serve several ranges in one request; "
+                             "asking for one range a request",
+                             extra={"kv": {"host": self.host}})
+                    self.multirange = False
+                    return None
+                boundary = byteranges.boundary_of(response.headers.get("Content-Type", ""))
+                body = response.read()
+            finally:
+                response.close()
+            try:
+                if boundary is None:  # one part: the server merged the ranges
+                    start, end = byteranges.parse_content_range(
+                        response.headers.get("Content-Range", ""))
+                    parts = [(start, body[:end - start])]
+                else:
+                    parts = byteranges.split_multipart(body, boundary)
+                got = byteranges.pick(parts, ranges)
+            except byteranges.ByteRangesError as exc:
+                raise _TemporaryError(f"{target}: {exc}") from exc
+            self.multirange = True
+            return got
 
         return self._with_retry(target, once)
 
