@@ -42,8 +42,13 @@ def test_profile_round_trip(node_factory: Callable[..., Node], python_image: str
     fresh.pull("opt/python:1")
     layers = fresh.wait_prefetched()
     assert sum(x["prefetch_total"] for x in layers) >= sum(prefetch)
-    prefetch_requests = [r for r in fresh.link.requests if r.range]
-    assert prefetch_requests  # the prefetch list crossed the link before the workload ran
+    prefetch_requests = sorted((r for r in fresh.link.requests if r.range),
+                               key=lambda r: r.started)
+    assert len(prefetch_requests) > len(m["layers"])  # the lists crossed before the workload
+    tocs = {int(x["annotations"]["dev.zest.toc.offset"]) for x in m["layers"]}
+    first = {int((r.range or "").split("=")[1].split("-")[0])
+             for r in prefetch_requests[:len(tocs)]}
+    assert first == tocs  # all TOCs before any chunk: the first Prepare asked for every one
     fresh.link.reset()
     assert fresh.run("opt/python:1", "python3", "-c", "print('hello')").strip() == "hello"
     during = [r for r in fresh.link.requests if r.range]

@@ -122,6 +122,17 @@ def test_range_reads(client: RegistryClient, blob: tuple[bytes, str]) -> None:
         client.read_range("app/range", digest, len(data) - 7, 8)
 
 
+def test_multi_range_reads_from_the_real_registry(
+    client: RegistryClient, blob: tuple[bytes, str]
+) -> None:
+    data, digest = blob
+    client.put_blob("app/multirange", io.BytesIO(data), digest, len(data))
+    ranges = [(i * 2_900 + 17, 1_000 + i) for i in range(100)]  # two requests: 64 + 36
+    got = client.read_ranges("app/multirange", digest, ranges)
+    assert got == [data[o : o + n] for o, n in ranges]
+    assert client.multirange is True  # the distribution registry answers multipart/byteranges
+
+
 def test_missing_objects(client: RegistryClient, registry: LocalRegistry) -> None:
     missing = _digest(b"never pushed")
     assert client.head_blob("app/none", missing) is None

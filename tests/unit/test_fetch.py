@@ -132,3 +132,37 @@ def test_zstd_decoder_agrees() -> None:
     r = refs[0]
     frame = src.data[r.blob_offset : r.end]
     assert zstandard.ZstdDecompressor().decompress(frame) == content[r.digest]
+
+
+class MultiBlob(Blob):
+    """A MultiRangeSource: several ranges for one call, each call recorded."""
+
+    def __init__(self, data: bytes):
+        super().__init__(data)
+        self.multi_calls: list[list[tuple[int, int]]] = []
+
+    def read_ranges(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+        self.multi_calls.append(list(ranges))
+        return [self.read_range(o, n) for o, n in ranges]
+
+
+def test_far_apart_groups_go_in_one_multi_range_call(tmp_path: Path) -> None:
+    src, refs, content = _layer()
+    multi = MultiBlob(src.data)
+    f = Fetcher(ChunkCache(tmp_path, 10**7), max_gap=0)
+    got = f.get(multi, [refs[0], refs[5], refs[8]])
+    assert got == [content[r.digest] for r in (refs[0], refs[5], refs[8])]
+    assert len(multi.multi_calls) == 1 and len(multi.multi_calls[0]) == 3
+    assert f.stats.requests == 1
+
+
+@pytest.mark.allow_log_errors
+def test_corrupt_part_of_a_multi_range_answer_is_refetched(tmp_path: Path) -> None:
+    src, refs, content = _layer()
+    multi = MultiBlob(src.data)
+    multi.corrupt_times = 1  # the first range of the answer comes back as zeros
+    f = Fetcher(ChunkCache(tmp_path, 10**7), max_gap=0)
+    got = f.get(multi, [refs[1], refs[6]])
+    assert got == [content[refs[1].digest], content[refs[6].digest]]
+    assert f.stats.verify_failures == 1
+    assert len(multi.requests) == 3  # two ranges, then the bad one again on its own

@@ -1,0 +1,138 @@
+"""Prefetch scheduling: ranked waves, whole files after misses, and early prefetch (`warm`)
+of a layer that is not served yet."""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+import time
+from pathlib import Path
+
+from chunkstore.cache import ChunkCache
+from chunkstore.convert import convert_tar
+from chunkstore.fetch import ChunkRef, Fetcher
+from chunkstore.toc import load_toc, read_footer
+from snapshotter.fuse.layers import Layer
+from snapshotter.fuse.prefetch import Prefetcher, _growing_waves, _RankedPool
+from snapshotter.fuse.reader import Reader
+from snapshotter.fuse.tree import LayerTree
+from tests.support import ocibuild as ob
+from tests.unit.test_fetch import MultiBlob
+
+BIG = os.urandom(3 << 20)  # random: does not compress, many chunks
+
+
+def _layer(tmp_path: Path) -> tuple[Layer, MultiBlob]:
+    out = io.BytesIO()
+    convert_tar(io.BytesIO(ob.make_tar({"big": BIG, "small": b"s" * 5000})), out)  # type: ignore[arg-type]
+    data = out.getvalue()
+    blob_path = tmp_path / "blob"
+    blob_path.write_bytes(data)
+    toc = load_toc(lambda o, n: data[o:o + n], read_footer(lambda o, n: data[o:o + n],
+                                                           len(data)))
+    src = MultiBlob(data)
+    return Layer(name="1", slot=1, tree=LayerTree(toc), source=src, what="test layer"), src
+
+
+def _ino(layer: Layer, name: bytes) -> int:
+    node = layer.tree.lookup(1, name)
+    assert node is not None
+    return node
+
+
+def _wait(cond: object, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_ranked_pool_runs_lowest_rank_first() -> None:
+    pool = _RankedPool(1, "test")
+    gate = threading.Event()
+    order: list[int] = []
+    blocker = pool.submit(0, gate.wait)
+    futs = [pool.submit(rank, order.append, rank) for rank in (3, 1, 2, 1)]
+    gate.set()
+    blocker.result(timeout=5)
+    for f in futs:
+        f.result(timeout=5)
+    assert order == [1, 1, 2, 3]
+    pool.shutdown()
+
+
+def test_waves_grow() -> None:
+    refs = [ChunkRef(bytes([i]) * 32, i * 100_000, 100_000, 200_000) for i in range(100)]
+    sizes = [sum(r.compressed_size for r in w) for w in _growing_waves(refs)]
+    assert sizes[0] <= 256 * 1024 < sizes[1] <= 512 * 1024
+    assert max(sizes) <= 4 * 1024 * 1024
+    assert sum(len(w) for w in _growing_waves(refs)) == 100
+
+
+def test_a_read_through_a_big_file_fetches_the_rest_of_it(tmp_path: Path) -> None:
+    layer, src = _layer(tmp_path)
+    fetcher = Fetcher(ChunkCache(tmp_path / "cache", 10**8))
+    prefetcher = Prefetcher(fetcher, parallel=2, background=False)
+    reader = Reader(fetcher, 0, whole_file=64 << 20, on_miss=prefetcher.fetch_files)
+    big = _ino(layer, b"big")
+    entry = layer.tree.entry(big)
+    assert entry is not None and len(entry.chunks) >= 4
+    refs = [ChunkRef(c.digest, c.blob_offset, c.compressed_size, c.size) for c in entry.chunks]
+    # one miss is not enough in a file this size; the second one sends for the whole file
+    assert reader.read(layer, big, 0, 4096) == BIG[:4096]
+    time.sleep(0.2)
+    assert not all(fetcher.is_cached(r) for r in refs)
+    off = entry.chunks[-1].file_offset
+    assert reader.read(layer, big, off, 4096) == BIG[off:off + 4096]
+    _wait(lambda: all(fetcher.is_cached(r) for r in refs))
+    asked = len(src.requests)
+    assert reader.read(layer, big, len(BIG) // 2, 8192) == BIG[len(BIG) // 2:len(BIG) // 2 + 8192]
+    assert len(src.requests) == asked  # served from the cache
+    prefetcher.shutdown()
+
+
+def test_whole_file_fetching_off_fetches_only_what_is_read(
+        tmp_path: Path) -> None:
+    layer, src = _layer(tmp_path)
+    fetcher = Fetcher(ChunkCache(tmp_path / "cache", 10**8))
+    prefetcher = Prefetcher(fetcher, parallel=2, background=False)
+    off = Reader(fetcher, 0, whole_file=0, on_miss=prefetcher.fetch_files)
+    big = _ino(layer, b"big")
+    entry = layer.tree.entry(big)
+    assert entry is not None
+    for c in entry.chunks[:3]:
+        off.read(layer, big, c.file_offset, 10)
+    time.sleep(0.2)
+    assert len(src.requests) == 3  # only what was read
+    prefetcher.shutdown()
+
+
+def test_warm_fetches_a_prefetch_list_before_the_layer_is_added(tmp_path: Path) -> None:
+    from snapshotter.fuse.server import Server
+
+    layer, _ = _layer(tmp_path)
+    entry = layer.tree.entry(_ino(layer, b"big"))
+    assert entry is not None
+    blob = tmp_path / "blob"
+    toc_path = tmp_path / "toc"
+    data = blob.read_bytes()
+    footer = read_footer(lambda o, n: data[o:o + n], len(data))
+    toc_path.write_bytes(data[footer.toc_offset:footer.toc_offset + footer.toc_size])
+    server = Server(tmp_path / "mnt", ChunkCache(tmp_path / "cache", 10**8),
+                    background_prefetch=False, prefetch_parallel=2)
+    wanted = [c.blob_offset for c in entry.chunks[:2]]
+    reply = server.op_warm({"toc_path": str(toc_path), "toc_digest": str(footer.toc_digest),
+                            "source": {"kind": "file", "path": str(blob)},
+                            "profile": wanted, "what": "layer 2/2"})
+    assert reply == {"chunks": 2}
+    refs = [ChunkRef(c.digest, c.blob_offset, c.compressed_size, c.size)
+            for c in entry.chunks]
+    _wait(lambda: all(server.fetcher.is_cached(r) for r in refs[:2]))
+    assert not server.fetcher.is_cached(refs[2])  # only the list
+    # the layer's add later takes the tree warm built
+    reply = server.op_add({"name": "7", "slot": 7, "toc_path": str(toc_path),
+                           "toc_digest": str(footer.toc_digest), "prefetch": False,
+                           "source": {"kind": "file", "path": str(blob)}})
+    assert reply == {"slot": 7} and not server._trees
+    server.prefetcher.shutdown()
