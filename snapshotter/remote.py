@@ -240,8 +240,7 @@ class RemoteLayers:
                 state["profile"] = profile.layers[req.layer_digest]
         _write_atomic(state_path, json.dumps(state).encode())
         try:
-            # prefetch starts at once: overlapping the rest of the pull beats keeping the
-            # link free for the next layers' TOCs (measured with bench/lazy_start.py)
+            # prefetch starts at once: the later layers' TOCs are already on their way
             self._attach(state, mountpoint)
         except BaseException:
             state_path.unlink(missing_ok=True)  # the snapshot stays an ordinary active one
