@@ -74,7 +74,7 @@ class Fetcher:
         *,
         max_gap: int = 64 * 1024,
         max_request: int = 16 * 1024 * 1024,
-        memory_bytes: int = 64 * 1024 * 1024,
+        memory_bytes: int = 16 * 1024 * 1024,
     ):
         self.cache = cache
         self.max_gap = max_gap
@@ -152,13 +152,13 @@ class Fetcher:
                 with self._lock:
                     self.demand_in_flight += 1
                 try:
-                    found.update(self._fetch(source, missing, what))
+                    found.update(self._fetch(source, missing, what, demand))
                 finally:
                     with self._lock:
                         self.demand_in_flight -= 1
                         self.last_demand_fetch = time.monotonic()
             else:
-                found.update(self._fetch(source, missing, what))
+                found.update(self._fetch(source, missing, what, demand))
         return [found[r.digest] for r in refs]
 
     def quiet_for(self) -> float:
@@ -168,7 +168,8 @@ class Fetcher:
                 return 0.0
             return time.monotonic() - self.last_demand_fetch
 
-    def _fetch(self, source: RangeSource, refs: list[ChunkRef], what: str) -> dict[bytes, bytes]:
+    def _fetch(self, source: RangeSource, refs: list[ChunkRef], what: str,
+               demand: bool) -> dict[bytes, bytes]:
         owned: list[ChunkRef] = []
         owned_digests: set[bytes] = set()
         waiting: dict[bytes, Future[bytes]] = {}
@@ -190,12 +191,12 @@ class Fetcher:
                 blobs = self._read_many(source, [(g[0].blob_offset, g[-1].end - g[0].blob_offset)
                                                  for g in groups])
                 for group, blob in zip(groups, blobs, strict=True):
-                    out.update(self._decode_group(source, group, blob, what))
+                    out.update(self._decode_group(source, group, blob, what, demand))
             else:
                 for group in groups:
                     start, end = group[0].blob_offset, group[-1].end
                     blob = self._read(source, start, end - start)
-                    out.update(self._decode_group(source, group, blob, what))
+                    out.update(self._decode_group(source, group, blob, what, demand))
         except BaseException as exc:
             err = exc if isinstance(exc, ChunkUnavailable) else ChunkUnavailable(
                 f"{what}: fetching chunks failed: {exc}")
@@ -232,7 +233,9 @@ class Fetcher:
         return groups
 
     def _decode_group(self, source: RangeSource, group: list[ChunkRef], blob: bytes,
-                      what: str) -> dict[bytes, bytes]:
+                      what: str, demand: bool) -> dict[bytes, bytes]:
+        """Verify and cache each chunk. Only chunks a read is waiting for enter the memory
+        tier: prefetch would push out what reads use, and keep the process large."""
         start = group[0].blob_offset
         out: dict[bytes, bytes] = {}
         for ref in group:
@@ -253,7 +256,8 @@ class Fetcher:
                         "what": what, "chunk": Digest(ref.digest), "offset": ref.blob_offset}})
                     raise ChunkUnavailable(msg)
             self.cache.put(Digest(ref.digest), data)
-            self._mem_put(ref.digest, data)
+            if demand:
+                self._mem_put(ref.digest, data)
             out[ref.digest] = data
             self._finish({ref.digest}, out, None)
         with self._lock:

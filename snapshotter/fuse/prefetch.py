@@ -198,39 +198,52 @@ class Prefetcher:
     def _run(self, layer: Layer) -> None:
         mounted = time.monotonic()
         try:
-            by_offset = {r.blob_offset: r for r in layer.tree.all_chunks()}
-            first = [by_offset[o] for o in layer.prefetch_list if o in by_offset]
-            rest = sorted(set(by_offset.values()) - set(first), key=lambda r: r.blob_offset)
-            todo = first + (rest if self.background else [])
-            layer.prefetch_total = len(todo)
-            self._fetch_all(layer, first, ordered=True, mounted=mounted)
+            tree = layer.tree
+            first = [r for r in map(tree.chunk_at, dict.fromkeys(layer.prefetch_list)) if r]
+            layer.prefetch_total = tree.chunk_count if self.background else len(first)
+            self._fetch_first(layer, first)
             if self.background:
-                self._fetch_all(layer, rest, ordered=False, mounted=mounted)
+                self._fetch_rest(layer, {r.blob_offset for r in first}, mounted)
             log.info("prefetch finished", extra={"kv": {"layer": layer.what,
                                                         "chunks": layer.prefetch_done}})
         except Exception as exc:  # prefetch is best effort; reads fetch on demand
             log.warning("prefetch stopped", extra={"kv": {"layer": layer.what, "error": exc}})
 
-    def _fetch_all(self, layer: Layer, refs: list[ChunkRef], ordered: bool,
-                   mounted: float) -> None:
-        """`ordered`: the prefetch list, fetched at once, several requests in parallel.
-        Otherwise the background rest, which yields the link to on-demand reads (a shared
-        link is the bottleneck)."""
+    def _fetch_first(self, layer: Layer, refs: list[ChunkRef]) -> None:
+        """The prefetch list, fetched at once, several requests in parallel."""
         todo = []
         for r in refs:
             if self.fetcher.is_cached(r):
                 layer.prefetch_done += 1
             else:
                 todo.append(r)
-        futures: list[Future[object]]
-        if ordered:
-            futures = [self._pool.submit(rank, self._fetch_batch, layer, batch, False, mounted)
-                       for rank, batch in self._requests(layer.source, todo)]
-        else:
-            futures = [self._background.submit(self._fetch_batch, layer, batch, True, mounted)
-                       for batch in _split(todo, _BACKGROUND_BATCH_BYTES)]
+        futures = [self._pool.submit(rank, self._fetch_batch, layer, batch, False, 0.0)
+                   for rank, batch in self._requests(layer.source, todo)]
         for f in futures:
             f.result()
+
+    def _fetch_rest(self, layer: Layer, skip: set[int], mounted: float) -> None:
+        """The rest of the layer in blob order, one request of all layers' at a time and only
+        while reads are quiet (a shared link is the bottleneck). The chunk list is walked, not
+        built: ten mounted layers would otherwise hold an object for each of their chunks."""
+        batch: list[ChunkRef] = []
+        size = 0
+        for r in layer.tree.iter_chunks():
+            if r.blob_offset in skip:
+                continue
+            if self.fetcher.is_cached(r):
+                layer.prefetch_done += 1
+                continue
+            batch.append(r)
+            size += r.compressed_size
+            if size >= _BACKGROUND_BATCH_BYTES:
+                self._background.submit(self._fetch_batch, layer, batch, True, mounted).result()
+                with self._lock:
+                    if layer.name in self._stopped:
+                        return
+                batch, size = [], 0
+        if batch:
+            self._background.submit(self._fetch_batch, layer, batch, True, mounted).result()
 
     def _requests(self, source: RangeSource,
                   refs: list[ChunkRef]) -> list[tuple[int, list[ChunkRef]]]:

@@ -120,8 +120,7 @@ class Server:
         offsets = list(tree.toc.prefetch) or [int(x) for x in req.get("profile") or []]
         if not offsets:
             return {"chunks": 0}
-        by_offset = {r.blob_offset: r for r in tree.all_chunks()}
-        refs = [by_offset[o] for o in offsets if o in by_offset]
+        refs = [r for r in map(tree.chunk_at, offsets) if r is not None]
         self.prefetcher.warm(self._source(req["source"]), refs, str(req.get("what", "")))
         return {"chunks": len(refs)}
 
