@@ -281,7 +281,7 @@ def fuse_throughput(base: Path, registry: LocalRegistry, size_mib: int = 256) ->
     ref = f"{registry.host}/bench/big:1"
     _convert(f"oci:{layout}:latest", ref)
     shutil.rmtree(work / "img")
-    cfg = "[remote]\nbackground_prefetch = false\nmetrics_address = \"\"\n" + os.environ.get("ZEST_BENCH_EXTRA", "")
+    cfg = "[remote]\nbackground_prefetch = false\nmetrics_address = \"\"\n"
     cold: dict[str, dict[str, Any]] = {}
     warm: dict[str, dict[str, Any]] = {}
     disk: dict[str, dict[str, Any]] = {}

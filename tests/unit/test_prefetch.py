@@ -136,3 +136,28 @@ def test_warm_fetches_a_prefetch_list_before_the_layer_is_added(tmp_path: Path) 
                            "source": {"kind": "file", "path": str(blob)}})
     assert reply == {"slot": 7} and not server._trees
     server.prefetcher.shutdown()
+
+
+def test_chunk_index_lookups(tmp_path: Path) -> None:
+    layer, _ = _layer(tmp_path)
+    tree = layer.tree
+    every = tree.all_chunks()
+    assert len(every) == tree.chunk_count == len({r.digest for r in every})
+    assert [r.blob_offset for r in every] == sorted(r.blob_offset for r in every)
+    for r in every:
+        assert tree.chunk_at(r.blob_offset) == r
+    assert tree.chunk_at(every[0].blob_offset + 1) is None
+    assert list(tree.iter_chunks(every[2].blob_offset)) == every[3:]
+    nxt = tree.following(every[0], every[1].compressed_size + 1)
+    assert nxt == every[1:3]
+
+
+def test_prefetched_chunks_skip_the_memory_tier(tmp_path: Path) -> None:
+    layer, src = _layer(tmp_path)
+    fetcher = Fetcher(ChunkCache(tmp_path / "cache", 10**8))
+    refs = layer.tree.all_chunks()
+    fetcher.get(src, refs[:2], demand=False)
+    assert all(fetcher.is_cached(r) for r in refs[:2])
+    assert fetcher._memory_total == 0  # on disk only
+    fetcher.get(src, refs[2:3])
+    assert fetcher._memory_total == refs[2].size
