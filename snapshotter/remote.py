@@ -287,24 +287,26 @@ class RemoteLayers:
                 return
 
             def job() -> None:
+                # the layer's own mount waits for this job, so warm comes before its add
                 try:
                     self._fetch_toc(client, repo, desc, footer)
+                    if self.prefetch:
+                        self._warm(host, repo, desc, footer, profile_job.result(), what)
                 finally:
                     with self._lock:
                         self._toc_jobs.pop(key, None)
-                if not self.prefetch:
-                    return
-                profile = profile_job.result()
-                try:
-                    self.fuse.call("warm", toc_path=str(self.tocs / key),
-                                   toc_digest=str(footer.toc_digest),
-                                   source=self._source(host, repo, desc["digest"]), what=what,
-                                   profile=profile.layers.get(desc["digest"], [])
-                                   if profile else [])
-                except ControlError as exc:  # the layer's own prefetch starts at its mount
-                    log.info("no early prefetch", extra={"kv": {"layer": what, "reason": exc}})
 
             self._toc_jobs[key] = self._pool.submit(job)
+
+    def _warm(self, host: str, repo: str, desc: dict[str, Any], footer: fmt.Footer,
+              profile: Profile | None, what: str) -> None:
+        try:
+            self.fuse.call("warm", toc_path=str(self.tocs / footer.toc_digest.hex),
+                           toc_digest=str(footer.toc_digest),
+                           source=self._source(host, repo, desc["digest"]), what=what,
+                           profile=profile.layers.get(desc["digest"], []) if profile else [])
+        except ControlError as exc:  # the layer's own prefetch starts at its mount
+            log.info("no early prefetch", extra={"kv": {"layer": what, "reason": exc}})
 
     def _lazy(self, client: RegistryClient, host: str, repo: str, desc: dict[str, Any],
               footer: fmt.Footer, mountpoint: Path, what: str) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
@@ -133,3 +134,74 @@ def _layer_digests(manifest) -> list[str]:  # type: ignore[no-untyped-def]
     import json as _json
 
     return [d["digest"] for d in _json.loads(manifest.data)["layers"]]
+
+
+def _messy_tar(entries: list[tuple[str, str, bytes | str]]) -> bytes:
+    """(name, kind, data or link target) in this order, exactly: no parents added."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, kind, data in entries:
+            ti = tarfile.TarInfo(name)
+            ti.mtime, ti.mode = 1_700_000_000, 0o644
+            if kind == "hardlink":
+                ti.type, ti.linkname = tarfile.LNKTYPE, str(data)
+                tf.addfile(ti)
+            else:
+                assert isinstance(data, bytes)
+                ti.size = len(data)
+                tf.addfile(ti, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_messy_layers_convert_profile_and_serve(node_factory: Callable[..., Node],
+                                                registry: LocalRegistry,
+                                                tmp_path: Path) -> None:
+    """Parents the tar never lists, a hard link to another directory, and files a later layer
+    whites out: recorded by `zest optimize`, then served from the profile alone."""
+    import gzip
+    import hashlib
+    import json
+    import os
+
+    from tests.support import images
+
+    layout = images.image_layout("busybox")
+    index = json.loads((layout / "index.json").read_text())
+    mdigest = index["manifests"][0]["digest"].split(":")[1]
+    manifest = json.loads((layout / "blobs" / "sha256" / mdigest).read_text())
+    base_tar = gzip.decompress(
+        (layout / "blobs" / "sha256" / manifest["layers"][0]["digest"].split(":")[1])
+        .read_bytes())
+    big = os.urandom(700_000)  # several chunks
+    messy = _messy_tar([
+        ("deep/a/b/data.txt", "file", b"from a directory nobody listed\n"),
+        ("x/orig.bin", "file", big),
+        ("y/link.bin", "hardlink", "x/orig.bin"),
+        ("etc/gone", "file", b"deleted above\n"),
+    ])
+    upper = _messy_tar([("etc/.wh.gone", "file", b""), ("x/.wh.orig.bin", "file", b"")])
+    img = ob.Image([ob.Layer(base_tar), ob.Layer(messy), ob.Layer(upper)])
+    src = ob.write_image(tmp_path / "messy", img)
+    zest("convert", "--no-progress", f"oci:{src}:latest", f"{registry.host}/messy/img:1")
+    script = ("cat /deep/a/b/data.txt; md5sum /y/link.bin; test -e /etc/gone || echo gone; "
+              "test -e /x/orig.bin || echo orig-hidden; ls -ld /deep/a | cut -c1")
+    want = ("from a directory nobody listed\n"
+            f"{hashlib.md5(big).hexdigest()}  /y/link.bin\ngone\norig-hidden\nd\n")
+
+    recorder = node_factory()
+    zest("optimize", "--address", str(recorder.ctrd.address), "--namespace",
+         recorder.ctrd.namespace, "--zest-root", str(recorder.zsd.root),
+         recorder.ref("messy/img:1"), f"{registry.host}/messy/img:opt", "--",
+         "/bin/sh", "-c", script)
+    assert recorder.run("messy/img:1", "/bin/sh", "-c", script) == want
+
+    fresh = node_factory()
+    fresh.pull("messy/img:opt")
+    layers = fresh.wait_prefetched()
+    assert sum(x["prefetch_total"] for x in layers) >= 3  # the busybox binary and big's chunks
+    fresh.link.reset()
+    assert fresh.run("messy/img:opt", "/bin/sh", "-c", script) == want
+    assert [r for r in fresh.link.requests if r.range] == []  # all of it came from the profile
