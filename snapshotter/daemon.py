@@ -26,6 +26,7 @@ import grpc
 from snapshotter import service
 from snapshotter.config import Config, GrpcConfig
 from snapshotter.fuseproc import FuseConfig, FuseProcess
+from snapshotter.memory import tune_malloc
 from snapshotter.metadata import MetaStore
 from snapshotter.metrics_http import serve_metrics
 from snapshotter.registry.client import warm_up
@@ -44,6 +45,7 @@ class StartupError(Exception):
 
 def run(config: Config) -> int:
     """Serve until SIGTERM or SIGINT; returns the exit code."""
+    tune_malloc()
     stop = threading.Event()
     with _root_lock(config.root):
         _claim_socket(config.grpc.address)

@@ -72,11 +72,8 @@ class FuseProcess:
         if not cfg.background_prefetch:
             cmd.append("--no-background-prefetch")
         with open(cfg.log_file, "ab") as logf:
-            # two malloc arenas, not eight a core: its many short-lived worker threads
-            # otherwise keep tens of MB of freed memory resident (bench/fuse_io.py)
-            env = {**os.environ, "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2")}
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                    pass_fds=(write_fd,), start_new_session=True, env=env)
+                                    pass_fds=(write_fd,), start_new_session=True)
         os.close(write_fd)
         deadline = time.monotonic() + timeout
         try:

@@ -345,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log-level", default="info")
     args = ap.parse_args(argv)
     from snapshotter.logs import setup_logging
+    from snapshotter.memory import tune_malloc
 
+    tune_malloc()
     setup_logging(args.log_level)
     mountpoint = Path(args.mountpoint)
     _unmount_stale(mountpoint)
