@@ -182,3 +182,35 @@ def test_unsafe_entry(tmp_path: Path, name: str) -> None:
         ti.size = 1
         tf.addfile(ti, io.BytesIO(b"x"))
     _fails(tmp_path, ob.Layer(buf.getvalue()), r"absolute|\.\.")
+
+
+def test_chunk_size_option(tmp_path: Path) -> None:
+    import argparse
+    import os
+
+    from chunkstore.chunker import ChunkerParams
+    from chunkstore.toc import load_toc, read_footer
+    from snapshotter.cli import _chunk_kb
+
+    assert _chunk_kb("64") == 64
+    for bad in ("100", "8", "8192"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _chunk_kb(bad)
+    tar = ob.make_tar({"big": os.urandom(2 << 20)})
+    src = _src(tmp_path, ob.Image([ob.Layer(tar)]))
+    counts = []
+    for avg in (256 << 10, 32 << 10):
+        dst = DictStore()
+        convert_image(src, "latest", dst, "zest", ConvertOptions(
+            progress=False, threads=2, chunking=ChunkerParams(avg // 4, avg, avg * 4)))
+        (layer,) = json.loads(dst.get_manifest("zest").data)["layers"]
+        blob = dst.blobs[layer["digest"]]
+
+        def read(o: int, n: int, blob: bytes = blob) -> bytes:
+            return blob[o:o + n]
+
+        toc = load_toc(read, read_footer(read, len(blob)))
+        (entry,) = [e for e in toc.entries if e.name == b"big"]
+        assert all(c.size <= avg * 4 for c in entry.chunks)
+        counts.append(len(entry.chunks))
+    assert counts[1] > 3 * counts[0]  # smaller average, many more chunks
