@@ -164,9 +164,28 @@ class Snapshotterd:
         if self.running:
             self.kill()
         self.stop_fuse()
+        self._kill_leftovers()
         if not self.root.is_relative_to(self.base_dir):
             unmount_under(self.root)  # a root the caller owns: unmounted, but kept
         remove_tree(self.base_dir)
+
+    def _kill_leftovers(self) -> None:
+        """A daemon killed while it was starting a FUSE process leaves a child that stop_fuse
+        cannot find yet (forked, not yet running the server) and that mounts afterwards.
+        Anything whose command line names this daemon's dirs goes, looked for twice."""
+        marks = (str(self.base_dir), str(self.root / "fuse"))
+        for _ in range(2):
+            time.sleep(0.2)
+            for entry in Path("/proc").iterdir():
+                if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                    continue
+                try:
+                    argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+                except OSError:
+                    continue
+                if any(a.startswith(marks) for a in argv):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(entry.name), signal.SIGKILL)
 
     def client(self) -> SnapshotsClient:
         c = SnapshotsClient(self.address)
