@@ -13,13 +13,15 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
 
 from chunkstore.fetch import ChunkRef, Fetcher, MultiRangeSource, RangeSource
 from snapshotter.fuse.layers import Layer
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _BATCH_BYTES = 4 * 1024 * 1024  # one range request per batch of the prefetch list
 _BACKGROUND_BATCH_BYTES = 1024 * 1024  # smaller: a read never waits long behind one
@@ -29,46 +31,34 @@ _LAST_WAVE_BYTES = 4 * 1024 * 1024
 _QUIET_SECONDS = 2.0  # background fetching waits until on-demand reads paused this long
 
 
-def _split(refs: list[ChunkRef], limit: int) -> list[list[ChunkRef]]:
-    """Consecutive runs of at most `limit` compressed bytes."""
-    out: list[list[ChunkRef]] = []
-    size = 0
-    for r in refs:
-        if not out or size + r.compressed_size > limit:
-            out.append([])
-            size = 0
-        out[-1].append(r)
-        size += r.compressed_size
-    return out
+def _runs(items: Iterable[T], size: Callable[[T], int], limit: int,
+          grow_to: int | None = None) -> Iterator[list[T]]:
+    """Consecutive runs of at most `limit` compressed bytes (a run holds one item at least).
+    With `grow_to`, the limit doubles after each run up to that: the first chunks arrive after
+    a short transfer, and a long list still takes few requests. Lazy: a run is handed out as
+    soon as the next item does not fit in it."""
+    run: list[T] = []
+    total = 0
+    for item in items:
+        n = size(item)
+        if run and total + n > limit:
+            yield run
+            run, total = [], 0
+            if grow_to is not None:
+                limit = min(limit * 2, grow_to)
+        run.append(item)
+        total += n
+    if run:
+        yield run
 
 
-def _growing_waves(refs: list[ChunkRef]) -> list[list[ChunkRef]]:
-    """Consecutive waves that double from _FIRST_WAVE_BYTES to _LAST_WAVE_BYTES: the first
-    chunks arrive after a short transfer, and a long list still takes few requests."""
-    out: list[list[ChunkRef]] = []
-    limit, size = _FIRST_WAVE_BYTES, 0
-    for r in refs:
-        if not out or size + r.compressed_size > limit:
-            if out:
-                limit = min(limit * 2, _LAST_WAVE_BYTES)
-            out.append([])
-            size = 0
-        out[-1].append(r)
-        size += r.compressed_size
-    return out
+def _split(refs: Iterable[ChunkRef], limit: int,
+           grow_to: int | None = None) -> list[list[ChunkRef]]:
+    return list(_runs(refs, _compressed, limit, grow_to))
 
 
-def _split_pairs(pairs: list[tuple[Layer, ChunkRef]],
-                 limit: int) -> list[list[tuple[Layer, ChunkRef]]]:
-    out: list[list[tuple[Layer, ChunkRef]]] = []
-    size = 0
-    for pair in pairs:
-        if not out or size + pair[1].compressed_size > limit:
-            out.append([])
-            size = 0
-        out[-1].append(pair)
-        size += pair[1].compressed_size
-    return out
+def _compressed(ref: ChunkRef) -> int:
+    return ref.compressed_size
 
 
 def plan_waves(refs: list[ChunkRef], max_gap: int, wave_bytes: int = _WAVE_BYTES,
@@ -155,7 +145,7 @@ class Prefetcher:
             try:
                 todo = [(layer, r) for layer, r in wanted if not self.fetcher.is_cached(r)]
                 jobs = []
-                for wave in _split_pairs(todo, _WAVE_BYTES):
+                for wave in _runs(todo, lambda pair: pair[1].compressed_size, _WAVE_BYTES):
                     by_layer: dict[str, tuple[Layer, list[ChunkRef]]] = {}
                     for layer, r in wave:
                         by_layer.setdefault(layer.name, (layer, []))[1].append(r)
@@ -226,24 +216,20 @@ class Prefetcher:
         """The rest of the layer in blob order, one request of all layers' at a time and only
         while reads are quiet (a shared link is the bottleneck). The chunk list is walked, not
         built: ten mounted layers would otherwise hold an object for each of their chunks."""
-        batch: list[ChunkRef] = []
-        size = 0
-        for r in layer.tree.iter_chunks():
-            if r.blob_offset in skip:
-                continue
-            if self.fetcher.is_cached(r):
-                layer.prefetch_done += 1
-                continue
-            batch.append(r)
-            size += r.compressed_size
-            if size >= _BACKGROUND_BATCH_BYTES:
-                self._background.submit(self._fetch_batch, layer, batch, True, mounted).result()
-                with self._lock:
-                    if layer.name in self._stopped:
-                        return
-                batch, size = [], 0
-        if batch:
+        def pending() -> Iterator[ChunkRef]:
+            for r in layer.tree.iter_chunks():
+                if r.blob_offset in skip:
+                    continue
+                if self.fetcher.is_cached(r):
+                    layer.prefetch_done += 1
+                    continue
+                yield r
+
+        for batch in _runs(pending(), _compressed, _BACKGROUND_BATCH_BYTES):
             self._background.submit(self._fetch_batch, layer, batch, True, mounted).result()
+            with self._lock:
+                if layer.name in self._stopped:
+                    return
 
     def _requests(self, source: RangeSource,
                   refs: list[ChunkRef]) -> list[tuple[int, list[ChunkRef]]]:
@@ -251,7 +237,7 @@ class Prefetcher:
         where the source does those, else one request per run of neighbouring chunks."""
         multi = isinstance(source, MultiRangeSource)
         if multi and getattr(source, "multirange", None) is not False:
-            return list(enumerate(_growing_waves(refs)))
+            return list(enumerate(_split(refs, _FIRST_WAVE_BYTES, _LAST_WAVE_BYTES)))
         return plan_waves(refs, self.fetcher.max_gap)
 
     def _fetch_batch(self, layer: Layer, batch: list[ChunkRef], background: bool,

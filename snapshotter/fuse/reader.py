@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from chunkstore.fetch import ChunkRef, Fetcher
 from snapshotter.fuse.layers import Layer
+from snapshotter.fuse.tree import chunk_ref
 from snapshotter.metrics import READ_LATENCY
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,7 @@ class Reader:
             layer.whole_files.add(local)
             assert self.on_miss is not None
             asked = {r.digest for r in refs}  # this read fetches those itself, at once
-            self.on_miss([(layer, ChunkRef(c.digest, c.blob_offset, c.compressed_size, c.size))
-                          for c in e.chunks if c.digest not in asked])
+            self.on_miss([(layer, chunk_ref(c)) for c in e.chunks if c.digest not in asked])
         what = f"{layer.what} file /{e.name.decode(errors='replace')}"
         extra = layer.tree.following(refs[-1], self.readahead) if self.readahead else []
         datas = self.fetcher.get(layer.source, refs, what, readahead=extra)

@@ -34,14 +34,14 @@ import trio
 from chunkstore import format as fmt
 from chunkstore.cache import ChunkCache
 from chunkstore.digest import Digest
-from chunkstore.fetch import ChunkRef, Fetcher, RangeSource
+from chunkstore.fetch import Fetcher, RangeSource
 from snapshotter.fuse import protocol
 from snapshotter.fuse.layers import FileSource, Layer, LayerSet, join_ino
 from snapshotter.fuse.ops import Operations
 from snapshotter.fuse.predict import MergedView, Predictor
 from snapshotter.fuse.prefetch import Prefetcher
 from snapshotter.fuse.reader import Reader
-from snapshotter.fuse.tree import LayerTree
+from snapshotter.fuse.tree import LayerTree, chunk_ref
 from snapshotter.registry.client import RegistryClient, warm_up
 
 log = logging.getLogger("snapshotter.fuse.server")
@@ -81,7 +81,7 @@ class Server:
                              on_miss=self.prefetcher.fetch_files)
         self.ops = Operations(self.layers, self.reader)
         self._clients: dict[tuple[str, bool], RegistryClient] = {}
-        self._clients_lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _clients and _trees
         # trees built by `warm` for layers not yet added, by TOC digest (add takes them)
         self._trees: OrderedDict[str, LayerTree] = OrderedDict()
 
@@ -93,7 +93,7 @@ class Server:
             raise ValueError(f"unknown blob source {spec.get('kind')!r}")
         key = (spec["host"], bool(spec.get("plain_http")))
         hosts_dir = spec.get("hosts_dir")
-        with self._clients_lock:
+        with self._lock:
             client = self._clients.get(key)
             if client is None:
                 client = self._clients[key] = RegistryClient.for_host(
@@ -101,13 +101,13 @@ class Server:
         return _RegistryBlob(client, spec["repo"], spec["digest"])
 
     def _tree(self, toc_path: str, toc_digest: str, keep: bool) -> LayerTree:
-        with self._clients_lock:
+        with self._lock:
             tree = self._trees.get(toc_digest) if keep else self._trees.pop(toc_digest, None)
         if tree is None:
             payload = Path(toc_path).read_bytes()
             tree = LayerTree(fmt.decode_toc(payload, Digest.parse(toc_digest)))
             if keep:
-                with self._clients_lock:
+                with self._lock:
                     self._trees[toc_digest] = tree
                     while len(self._trees) > _KEPT_TREES:
                         self._trees.popitem(last=False)
@@ -169,8 +169,7 @@ class Server:
 
         found = Predictor(view, read).predict(req.get("argv") or [], req.get("env") or [],
                                               str(req.get("workdir") or "/"))
-        wanted = [(f.layer, ChunkRef(c.digest, c.blob_offset, c.compressed_size, c.size))
-                  for f in found for c in f.entry.chunks]
+        wanted = [(f.layer, chunk_ref(c)) for f in found for c in f.entry.chunks]
         self.prefetcher.fetch_files(wanted)
         log.info("predicted prefetch", extra={"kv": {"files": len(found), "argv0": (
             req.get("argv") or ["?"])[0]}})

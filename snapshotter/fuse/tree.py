@@ -35,6 +35,11 @@ _MODE_BITS = {
 }  # fmt: skip
 
 
+def chunk_ref(c: toc_pb2.Chunk) -> ChunkRef:
+    """The fetcher's handle on a chunk the TOC lists."""
+    return ChunkRef(c.digest, c.blob_offset, c.compressed_size, c.size)
+
+
 @dataclass(slots=True)
 class Node:
     entry: int  # index into toc.entries, or -1 for a directory the tar did not list
@@ -170,8 +175,7 @@ class LayerTree:
             offs = self._offsets[ino] = [c.file_offset for c in e.chunks]
         first = bisect_right(offs, offset) - 1
         last = bisect_right(offs, min(offset + size, e.size) - 1) - 1
-        return offs[first], [ChunkRef(c.digest, c.blob_offset, c.compressed_size, c.size)
-                             for c in e.chunks[first : last + 1]]
+        return offs[first], [chunk_ref(c) for c in e.chunks[first : last + 1]]
 
     def _chunk_index(self) -> tuple[array[int], array[int]]:
         """Every distinct chunk's blob offset, sorted, and where the TOC lists it (entry << 24
@@ -188,8 +192,7 @@ class LayerTree:
         return self._chunk_offsets, self._chunk_where
 
     def _ref(self, where: int) -> ChunkRef:
-        c = self.toc.entries[where >> 24].chunks[where & 0xFFFFFF]
-        return ChunkRef(c.digest, c.blob_offset, c.compressed_size, c.size)
+        return chunk_ref(self.toc.entries[where >> 24].chunks[where & 0xFFFFFF])
 
     @property
     def chunk_count(self) -> int:

@@ -311,14 +311,12 @@ class RegistryClient:
         out: list[bytes] = []
         for i in range(0, len(ranges), byteranges.MAX_RANGES):
             batch = ranges[i:i + byteranges.MAX_RANGES]
-            if len(batch) == 1 or self.multirange is False:
-                out += [self.read_range(repo, digest, off, n) for off, n in batch]
-                continue
-            got = self._read_multi(repo, digest, batch)
+            got = None
+            if len(batch) > 1 and self.multirange is not False:
+                got = self._read_multi(repo, digest, batch)
             if got is None:
-                out += [self.read_range(repo, digest, off, n) for off, n in batch]
-            else:
-                out += got
+                got = [self.read_range(repo, digest, off, n) for off, n in batch]
+            out += got
         return out
 
     def _read_multi(self, repo: str, digest: str, ranges: Sequence[Range]) -> list[bytes] | None:

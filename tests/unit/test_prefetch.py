@@ -14,7 +14,7 @@ from chunkstore.convert import convert_tar
 from chunkstore.fetch import ChunkRef, Fetcher
 from chunkstore.toc import load_toc, read_footer
 from snapshotter.fuse.layers import Layer
-from snapshotter.fuse.prefetch import Prefetcher, _growing_waves, _RankedPool
+from snapshotter.fuse.prefetch import Prefetcher, _RankedPool, _split
 from snapshotter.fuse.reader import Reader
 from snapshotter.fuse.tree import LayerTree
 from tests.support import ocibuild as ob
@@ -64,10 +64,11 @@ def test_ranked_pool_runs_lowest_rank_first() -> None:
 
 def test_waves_grow() -> None:
     refs = [ChunkRef(bytes([i]) * 32, i * 100_000, 100_000, 200_000) for i in range(100)]
-    sizes = [sum(r.compressed_size for r in w) for w in _growing_waves(refs)]
+    waves = _split(refs, 256 * 1024, 4 * 1024 * 1024)
+    sizes = [sum(r.compressed_size for r in w) for w in waves]
     assert sizes[0] <= 256 * 1024 < sizes[1] <= 512 * 1024
     assert max(sizes) <= 4 * 1024 * 1024
-    assert sum(len(w) for w in _growing_waves(refs)) == 100
+    assert sum(len(w) for w in waves) == 100
 
 
 def test_a_read_through_a_big_file_fetches_the_rest_of_it(tmp_path: Path) -> None:
