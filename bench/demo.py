@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
+from bench.common import ZEST
 from bench.startup import _overlayfs_round, _zest_round
 from bench.workloads import WORKLOADS
 from tests.support import images
 from tests.support.linkproxy import LinkProxy
 from tests.support.registry import LocalRegistry
-
-ZEST = str(Path(sys.executable).with_name("zest"))
 
 
 def _say(text: str) -> None:

@@ -27,25 +27,23 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.common import ZEST, drop_caches, zest_node
 from bench.workloads import all_recipes
 from snapshotter.fuse import protocol
 from tests.support import images
-from tests.support.containerd import Containerd, proxy_plugin_toml
+from tests.support.containerd import Containerd
 from tests.support.images import Recipe
 from tests.support.registry import LocalRegistry
 from tests.support.snapshotterd import Snapshotterd
 
 RESULTS = Path(__file__).parent / "results"
-ZEST = str(Path(sys.executable).with_name("zest"))
 TARGET_MB = 150
 MIB = 1 << 20
 SEED = 20240601
@@ -55,26 +53,6 @@ PATTERNS: tuple[tuple[str, int, int], ...] = (
     ("rand_4k", 4096, 4096),
     ("rand_128k", 128 << 10, 1024),
 )
-
-
-def _drop_caches() -> None:
-    subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=False)
-
-
-@contextmanager
-def _node(base: Path, config: str) -> Iterator[tuple[Snapshotterd, Containerd]]:
-    """A fresh zest daemon (own root, empty chunk cache) and a containerd that uses it; both
-    stopped and removed on the way out, FUSE process and mounts included."""
-    zsd = Snapshotterd(config_toml=config, log_level="warning")
-    try:
-        zsd.start()
-        with Containerd(base, extra_toml=proxy_plugin_toml("zest", zsd.address)) as ctrd:
-            yield zsd, ctrd
-    finally:
-        try:
-            zsd.stop()
-        finally:
-            zsd.remove()
 
 
 def _zest_pull(ctrd: Containerd, ref: str) -> None:
@@ -181,7 +159,7 @@ def memory(base: Path, registry: LocalRegistry, recipes: list[Recipe]) -> dict[s
         _convert(src, dst)
         refs.append(dst)
     out: dict[str, Any] = {"images": [r.name for r in recipes]}
-    with _node(base, "[remote]\nmetrics_address = \"\"\n") as (zsd, ctrd):
+    with zest_node(base, "[remote]\nmetrics_address = \"\"\n") as (zsd, ctrd):
         t0 = time.monotonic()
         for ref in refs:
             _zest_pull(ctrd, ref)
@@ -291,7 +269,7 @@ def fuse_throughput(base: Path, registry: LocalRegistry, size_mib: int = 256) ->
         return next((zsd.root / "fuse/mnt").glob("*/big.bin"))
 
     def timed(path: Path, zsd: Snapshotterd | None, block: int, count: int) -> dict[str, Any]:
-        _drop_caches()
+        drop_caches()
         before = _fetched(zsd) if zsd else {}
         r = _rates(_read(path, block, count, size))
         if zsd:
@@ -301,7 +279,7 @@ def fuse_throughput(base: Path, registry: LocalRegistry, size_mib: int = 256) ->
         return r
 
     for i, (label, block, count) in enumerate(PATTERNS):
-        with _node(base, cfg) as (zsd, ctrd):  # a fresh, empty chunk cache for each cold run
+        with zest_node(base, cfg) as (zsd, ctrd):  # a fresh, empty chunk cache for each cold run
             fuse_file = mounted(zsd, ctrd)
             cold[label] = timed(fuse_file, zsd, block, count)
             if i == 0:  # the sequential read fetched every chunk: all patterns warm here

@@ -44,15 +44,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.common import ZEST, drop_caches, zest_node
 from bench.workloads import WORKLOADS, Workload
 from tests.support import images
-from tests.support.containerd import Containerd, proxy_plugin_toml
+from tests.support.containerd import Containerd
 from tests.support.linkproxy import LinkProxy
 from tests.support.registry import LocalRegistry
-from tests.support.snapshotterd import Snapshotterd
 
 RESULTS = Path(__file__).parent / "results"
-ZEST = str(Path(sys.executable).with_name("zest"))
 MODES = ("overlayfs", "zest", "zest+predict", "zest+profile")
 LINKS = ((100.0, 20.0), (1000.0, 2.0), (20.0, 50.0))  # the first is the main one
 
@@ -62,10 +61,6 @@ class Refs:
     original: str  # repository:tag paths, without the registry host
     converted: str
     profiled: str
-
-
-def _drop_caches() -> None:
-    subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=False)
 
 
 def _first_line(argv: list[str], started: float, expected: str,
@@ -98,7 +93,7 @@ def _ctr(ctrd: Containerd) -> list[str]:
 
 
 def _overlayfs_round(base: Path, link: LinkProxy, w: Workload, ref: str) -> dict[str, Any]:
-    _drop_caches()
+    drop_caches()
     with Containerd(base) as ctrd:
         link.reset()
         t0 = time.monotonic()
@@ -116,30 +111,25 @@ def _overlayfs_round(base: Path, link: LinkProxy, w: Workload, ref: str) -> dict
 
 def _zest_round(base: Path, link: LinkProxy, w: Workload, ref: str, predict: bool,
                 client: str) -> dict[str, Any]:
-    _drop_caches()
+    drop_caches()
     cfg = f'[remote]\nmetrics_address = ""\npredict = {str(predict).lower()}\n'
-    zsd = Snapshotterd(config_toml=cfg, log_level="warning").start()
-    try:
-        with Containerd(base, extra_toml=proxy_plugin_toml("zest", zsd.address)) as ctrd:
-            link.reset()
-            t0 = time.monotonic()
-            if client == "ctr-remote":
-                pull = ["ctr-remote", "--address", str(ctrd.address), "--namespace",
-                        ctrd.namespace, "image", "rpull", "--plain-http", "--snapshotter",
-                        "zest", ref]
-            else:
-                pull = [ZEST, "pull", "--address", str(ctrd.address), "--namespace",
-                        ctrd.namespace, ref]
-            subprocess.run(pull, check=True, capture_output=True, timeout=900)
-            pulled = time.monotonic() - t0
-            seen = _Counter(link)
-            first = _first_line([*_ctr(ctrd), "run", "--snapshotter", "zest", "--rm", ref,
-                                 f"z-{uuid.uuid4().hex[:6]}", *w.cmd], t0, w.expected, seen)
-            return {"first_output_s": first, "pull_s": pulled, "bytes": seen.bytes,
-                    "requests": seen.requests}
-    finally:
-        zsd.stop()
-        zsd.remove()
+    with zest_node(base, cfg) as (_, ctrd):
+        link.reset()
+        t0 = time.monotonic()
+        if client == "ctr-remote":
+            pull = ["ctr-remote", "--address", str(ctrd.address), "--namespace",
+                    ctrd.namespace, "image", "rpull", "--plain-http", "--snapshotter", "zest",
+                    ref]
+        else:
+            pull = [ZEST, "pull", "--address", str(ctrd.address), "--namespace",
+                    ctrd.namespace, ref]
+        subprocess.run(pull, check=True, capture_output=True, timeout=900)
+        pulled = time.monotonic() - t0
+        seen = _Counter(link)
+        first = _first_line([*_ctr(ctrd), "run", "--snapshotter", "zest", "--rm", ref,
+                             f"z-{uuid.uuid4().hex[:6]}", *w.cmd], t0, w.expected, seen)
+        return {"first_output_s": first, "pull_s": pulled, "bytes": seen.bytes,
+                "requests": seen.requests}
 
 
 def _prepare(base: Path, reg: LocalRegistry, w: Workload, chunk_kb: int) -> Refs:
@@ -149,18 +139,12 @@ def _prepare(base: Path, reg: LocalRegistry, w: Workload, chunk_kb: int) -> Refs
     src = images.push_image(w.image, reg.host, repo, "original")
     subprocess.run([ZEST, "convert", "--no-progress", "--chunk-kb", str(chunk_kb), src,
                     f"{reg.host}/{refs.converted}"], check=True, capture_output=True)
-    zsd = Snapshotterd(config_toml='[remote]\nmetrics_address = ""\n',
-                       log_level="warning").start()
-    try:
-        with Containerd(base, extra_toml=proxy_plugin_toml("zest", zsd.address)) as ctrd:
-            # no CMD: the image's own, as a user would run it; stop at its output line
-            subprocess.run([ZEST, "optimize", "--address", str(ctrd.address), "--namespace",
-                            ctrd.namespace, "--zest-root", str(zsd.root), "--ready",
-                            w.expected, "--timeout", "300", f"{reg.host}/{refs.converted}",
-                            f"{reg.host}/{refs.profiled}"], check=True, capture_output=True)
-    finally:
-        zsd.stop()
-        zsd.remove()
+    with zest_node(base, '[remote]\nmetrics_address = ""\n') as (zsd, ctrd):
+        # no CMD: the image's own, as a user would run it; stop at its output line
+        subprocess.run([ZEST, "optimize", "--address", str(ctrd.address), "--namespace",
+                        ctrd.namespace, "--zest-root", str(zsd.root), "--ready", w.expected,
+                        "--timeout", "300", f"{reg.host}/{refs.converted}",
+                        f"{reg.host}/{refs.profiled}"], check=True, capture_output=True)
     return refs
 
 
@@ -295,13 +279,10 @@ def main() -> int:
     ap.add_argument("--client", choices=("ctr-remote", "zest"), default="ctr-remote")
     ap.add_argument("--chunk-kb", type=int, default=256, help="`zest convert --chunk-kb`")
     ap.add_argument("--render", action="store_true",
-                    help="only write startup.md and startup.png again from startup.json")
+                    help="only judge and write the results again from startup.json")
     args = ap.parse_args()
     if args.render:
-        out = json.loads((RESULTS / "startup.json").read_text())
-        out["targets"] = _targets(out["links"][0]["workloads"])
-        (RESULTS / "startup.md").write_text(_markdown(out, out["command"]))
-        _chart(out, RESULTS / "startup.png")
+        _report(json.loads((RESULTS / "startup.json").read_text()))
         return 0
     chosen = args.workloads.split(",")
     workloads = [w for w in WORKLOADS if w.name in chosen]
@@ -326,15 +307,20 @@ def main() -> int:
                 out["links"].append({"mbit": mbit, "rtt_ms": rtt, "workloads": res})
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    out["targets"] = _targets(out["links"][0]["workloads"])
     out["command"] = f".venv/bin/{command}"
+    print(_report(out))
+    return 0
+
+
+def _report(out: dict[str, Any]) -> str:
+    """Judge the targets, then write startup.json, .md and .png; returns the markdown."""
+    out["targets"] = _targets(out["links"][0]["workloads"])
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "startup.json").write_text(json.dumps(out, indent=2) + "\n")
     md = _markdown(out, out["command"])
     (RESULTS / "startup.md").write_text(md)
     _chart(out, RESULTS / "startup.png")
-    print(md)
-    return 0
+    return md
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.containerd import Containerd, proxy_plugin_toml
+from tests.support.containerd import Containerd, delete_runc_containers, proxy_plugin_toml
 from tests.support.cri import CRI_NAMESPACE, CriClient
 from tests.support.linkproxy import LinkProxy
 from tests.support.registry import LocalRegistry
@@ -105,24 +105,13 @@ def cri_node(registry: LocalRegistry, tmp_path: Path) -> Iterator[CriNode]:
                 yield CriNode(zsd, ctrd, link, cri)
         finally:
             ctrd.stop(keep_dirs=True)
-            _delete_runc_leftovers(ctrd.base_dir / "runc")
+            delete_runc_containers(ctrd.base_dir / "runc")
             ctrd.stop()
             if zsd.running:
                 zsd.stop()
             zsd.remove()
 
 
-def _delete_runc_leftovers(runc_root: Path) -> None:
-    """Containers a killed shim left running under our private runc root."""
-    if not runc_root.is_dir():
-        return
-    for entry in runc_root.iterdir():
-        subprocess.run(
-            ["runc", "--root", str(runc_root), "delete", "--force", entry.name],
-            capture_output=True,
-            check=False,
-            timeout=30,
-        )
 
 
 

@@ -353,17 +353,25 @@ class Containerd:
             runc_root = RUNC_STATE_ROOT / ns
             if not runc_root.is_dir():
                 continue
-            for entry in runc_root.iterdir():
-                subprocess.run(
-                    ["runc", "--root", str(runc_root), "delete", "--force", entry.name],
-                    capture_output=True,
-                    check=False,
-                    timeout=30,
-                )
+            delete_runc_containers(runc_root)
             with contextlib.suppress(OSError):
                 for entry in runc_root.iterdir():
                     remove_tree(entry)
                 runc_root.rmdir()
+
+
+def delete_runc_containers(runc_root: Path) -> None:
+    """`runc delete --force` every container runc keeps state for under runc_root (a killed
+    shim leaves its container running)."""
+    if not runc_root.is_dir():
+        return
+    for entry in runc_root.iterdir():
+        subprocess.run(
+            ["runc", "--root", str(runc_root), "delete", "--force", entry.name],
+            capture_output=True,
+            check=False,
+            timeout=30,
+        )
 
 
 def _pids_mentioning(needle: str) -> Iterable[int]:
