@@ -7,6 +7,11 @@ chunk: every read from disk is verified against the digest in the file's name,
 so a file torn by a power cut is detected, deleted and fetched again, which is
 cheaper than fsyncing each put.
 
+Each chunk is hashed once per process: `put` is given verified bytes, and the first `get`
+from disk checks them. After that `read` serves any part of the chunk with a single
+pread, without reading and hashing the whole chunk on every read of a few pages. A file
+is only ever replaced whole (by rename), so what was verified stays what is there.
+
 Size is bounded: when the total passes `max_bytes`, the least recently used
 chunks are deleted until it is below 90% of it. Recency survives restarts
 through the files' mtimes, which `get` bumps (at most once a minute per chunk).
@@ -18,11 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import logging
 import os
 import threading
 import time
-import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,8 +59,10 @@ class ChunkCache:
         self._chunks.mkdir(parents=True, exist_ok=True)
         self._tmp.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        # digest hex -> (size, last use); ordered oldest first
-        self._index: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        # digest hex -> (size, last use, verified by this process); ordered oldest first
+        self._index: OrderedDict[str, tuple[int, float, bool]] = OrderedDict()
+        self._dirs: set[str] = set()  # fan-out directories known to exist
+        self._tmp_names = itertools.count()
         self._total = 0
         self.hits = self.misses = self.evictions = self.corrupt = 0
         self._clean_tmp()
@@ -76,7 +83,7 @@ class ChunkCache:
                 found.append((st.st_mtime, p.name, st.st_size))
         found.sort()
         for mtime, name, size in found:
-            self._index[name] = (size, mtime)
+            self._index[name] = (size, mtime, False)
             self._total += size
 
     def _path(self, hexdigest: str) -> Path:
@@ -106,20 +113,45 @@ class ChunkCache:
                 self.corrupt += 1
                 self.misses += 1
             return None
+        self._used(h, len(data))
+        return data
+
+    def _used(self, h: str, size: int) -> None:
+        """A hit: move the chunk to the young end, mark it verified, and bump its mtime (at
+        most once a minute) so that recency survives a restart."""
         now = time.time()
-        touch = False
         with self._lock:
             self.hits += 1
             old = self._index.pop(h, None)
             if old is None:
-                self._total += len(data)
-                touch = True
-            elif now - old[1] > _TOUCH_INTERVAL:
-                touch = True
-            self._index[h] = (len(data), now if touch else (old[1] if old else now))
+                self._total += size
+            touch = old is None or now - old[1] > _TOUCH_INTERVAL
+            self._index[h] = (size, now if touch or old is None else old[1], True)
         if touch:
             with contextlib.suppress(FileNotFoundError):
                 os.utime(self._path(h))
+
+    def read(self, digest: Digest, offset: int, length: int) -> bytes | None:
+        """Bytes [offset, offset+length) of a chunk this process has verified, by one pread;
+        None when it has not (then `get` reads and checks it whole) or it is gone."""
+        h = digest.hex
+        with self._lock:
+            entry = self._index.get(h)
+            if entry is None or not entry[2]:
+                return None
+        try:
+            fd = os.open(self._path(h), os.O_RDONLY)
+        except FileNotFoundError:
+            self._drop(h)
+            return None
+        try:
+            data = os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
+        if len(data) != min(length, max(entry[0] - offset, 0)):
+            self._drop(h)  # replaced or cut short behind our back: fetch it again
+            return None
+        self._used(h, entry[0])
         return data
 
     def put(self, digest: Digest, data: bytes) -> None:
@@ -129,14 +161,21 @@ class ChunkCache:
         with self._lock:
             if h in self._index:
                 return
-        path.parent.mkdir(exist_ok=True)
-        tmp = self._tmp / f"{h}.{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
+        if h[:2] not in self._dirs:
+            path.parent.mkdir(exist_ok=True)
+            self._dirs.add(h[:2])
+        tmp = self._tmp / f"{h}.{os.getpid()}.{next(self._tmp_names)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
         with self._lock:
             if h not in self._index:
-                self._index[h] = (len(data), time.time())
+                self._index[h] = (len(data), time.time(), True)
                 self._total += len(data)
             over = self._total > self.max_bytes
         if over:
@@ -153,7 +192,7 @@ class ChunkCache:
         victims: list[str] = []
         with self._lock:
             while self._total > target and self._index:
-                h, (size, _) = self._index.popitem(last=False)
+                h, (size, _, _) = self._index.popitem(last=False)
                 self._total -= size
                 victims.append(h)
             self.evictions += len(victims)

@@ -122,6 +122,28 @@ class Fetcher:
                 return True
         return Digest(ref.digest) in self.cache
 
+    def read_local(self, refs: Sequence[ChunkRef], skip: int, length: int) -> bytes | None:
+        """`length` bytes from `skip` into `refs` laid end to end, when each is in the memory
+        tier or verified on disk; None as soon as one is not (then `get`). A read of a few
+        pages costs a slice or a pread, not a chunk read and hashed whole."""
+        parts: list[bytes] = []
+        for ref in refs:
+            if length <= 0:
+                break
+            if skip >= ref.size:
+                skip -= ref.size
+                continue
+            n = min(length, ref.size - skip)
+            data = self._mem_get(ref.digest)
+            part = (data[skip:skip + n] if data is not None
+                    else self.cache.read(Digest(ref.digest), skip, n))
+            if part is None:
+                return None
+            parts.append(part)
+            length -= n
+            skip = 0
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
     def get(self, source: RangeSource, refs: Sequence[ChunkRef], what: str = "",
             demand: bool = True, readahead: Sequence[ChunkRef] = ()) -> list[bytes]:
         """The uncompressed, verified bytes of each chunk, in the order asked. `demand=False`

@@ -160,6 +160,10 @@ class Operations(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes:
         layer, local = self._layer(fh)
         try:
+            # what is here already is served on the loop: a slice or a pread, no thread hop
+            data = self.reader.read_local(layer, local, off, size)
+            if data is not None:
+                return data
             return cast(bytes, await trio.to_thread.run_sync(
                 self.reader.read, layer, local, off, size, limiter=self._limiter))
         except ChunkstoreError as exc:

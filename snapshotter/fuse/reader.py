@@ -1,7 +1,9 @@
 """File range -> chunks -> fetcher: the blocking half of a FUSE read.
 
-Runs in worker threads (trio.to_thread) so a slow registry never stalls the
-FUSE loop. Errors leave as ChunkUnavailable; ops.py turns them into EIO.
+`read_local` serves what is already here (memory, or a verified chunk on local
+disk) and runs on the FUSE loop itself; `read` may wait for the registry, so it
+runs in worker threads (trio.to_thread) and a slow registry never stalls the
+loop. Errors leave as ChunkUnavailable; ops.py turns them into EIO.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from chunkstore._pb import toc_pb2
 from chunkstore.fetch import ChunkRef, Fetcher
 from snapshotter.fuse.layers import Layer
 from snapshotter.fuse.tree import chunk_ref
@@ -41,19 +44,42 @@ class Reader:
         misses = layer.file_misses[local] = layer.file_misses.get(local, 0) + 1
         return misses >= max(2, chunks // 16)
 
+    def read_local(self, layer: Layer, local: int, offset: int, size: int) -> bytes | None:
+        """The read from local chunks alone, or None when one must be fetched (or read from
+        disk and checked whole the first time)."""
+        started = time.monotonic()
+        span = self._span(layer, local, offset, size, True)
+        if span is None:
+            return b""
+        _, first, refs, end = span
+        out = self.fetcher.read_local(refs, offset - first, end - offset)
+        if out is not None:
+            READ_LATENCY.observe(time.monotonic() - started)
+        return out
+
+    def _span(self, layer: Layer, local: int, offset: int, size: int,
+              record: bool) -> tuple[toc_pb2.Entry, int, list[ChunkRef], int] | None:
+        """The file's entry, the file offset of the first chunk, the chunks and the end of
+        the read; None past the end of the file."""
+        e = layer.tree.entry(local)
+        if e is None or offset >= e.size:
+            return None
+        end = min(offset + size, e.size)
+        first, refs = layer.tree.chunks_for(local, offset, end - offset)
+        if not refs:
+            return None
+        if record:
+            layer.touch([r.blob_offset for r in refs])
+        return e, first, refs, end
+
     def read(self, layer: Layer, local: int, offset: int, size: int,
              record: bool = True) -> bytes:
         """`record=False`: zest's own reads (the predictor), kept out of the profile."""
         started = time.monotonic()
-        e = layer.tree.entry(local)
-        if e is None or offset >= e.size:
+        span = self._span(layer, local, offset, size, record)
+        if span is None:
             return b""
-        end = min(offset + size, e.size)
-        first, refs = layer.tree.chunks_for(local, offset, end - offset)
-        if not refs:
-            return b""
-        if record:
-            layer.touch([r.blob_offset for r in refs])
+        e, first, refs, end = span
         if (self.whole_file and e.size <= self.whole_file and len(e.chunks) > len(refs)
                 and local not in layer.whole_files
                 and not all(self.fetcher.is_cached(r) for r in refs)
@@ -67,5 +93,10 @@ class Reader:
         datas = self.fetcher.get(layer.source, refs, what, readahead=extra)
         buf = b"".join(datas) if len(datas) > 1 else datas[0]
         out = buf[offset - first : end - first]
-        READ_LATENCY.observe(time.monotonic() - started)
+        took = time.monotonic() - started
+        READ_LATENCY.observe(took)
+
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("read", extra={"kv": {"what": what, "offset": offset, "size": size,
+                                            "ms": round(took * 1000, 1)}})
         return out

@@ -74,3 +74,28 @@ def test_prune(tmp_path: Path) -> None:
         c.put(*_chunk(i))
     assert c.prune(0) == 4
     assert c.stats().bytes == 0
+
+
+def test_read_serves_parts_of_verified_chunks_only(tmp_path: Path) -> None:
+    c = ChunkCache(tmp_path, 10**6)
+    d = Digest.of(data := bytes(range(256)) * 8)
+    c.put(d, data)  # put is given verified bytes
+    assert c.read(d, 100, 50) == data[100:150]
+    assert c.read(d, 2000, 500) == data[2000:]  # cut at the end of the chunk
+    c2 = ChunkCache(tmp_path, 10**6)  # a new process has verified nothing yet
+    assert c2.read(d, 0, 10) is None
+    assert c2.get(d) == data  # read whole and hashed once...
+    assert c2.read(d, 0, 10) == data[:10]  # ...then served in parts
+
+
+def test_read_of_a_file_gone_or_cut_short_drops_the_chunk(tmp_path: Path) -> None:
+    c = ChunkCache(tmp_path, 10**6)
+    gone, cut = _chunk(1), _chunk(2)
+    for d, data in (gone, cut):
+        c.put(d, data)
+    (tmp_path / "chunks" / gone[0].hex[:2] / gone[0].hex).unlink()
+    (tmp_path / "chunks" / cut[0].hex[:2] / cut[0].hex).write_bytes(cut[1][:10])
+    assert c.read(gone[0], 0, 10) is None
+    assert c.read(cut[0], 0, 100) is None
+    assert gone[0] not in c and cut[0] not in c
+    assert c.stats().chunks == 0

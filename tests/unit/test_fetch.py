@@ -166,3 +166,16 @@ def test_corrupt_part_of_a_multi_range_answer_is_refetched(tmp_path: Path) -> No
     assert got == [content[refs[1].digest], content[refs[6].digest]]
     assert f.stats.verify_failures == 1
     assert len(multi.requests) == 3  # two ranges, then the bad one again on its own
+
+
+def test_read_local_joins_parts_and_never_fetches(tmp_path: Path) -> None:
+    src, refs, content = _layer()
+    f = Fetcher(ChunkCache(tmp_path, 10**7))
+    assert f.read_local(refs[:3], 0, 10) is None  # not here: the caller must fetch
+    f.get(src, refs[:3])
+    whole = b"".join(content[r.digest] for r in refs[:3])
+    assert f.read_local(refs[:3], 500, 1600) == whole[500:2100]  # spans three chunks
+    f.drop_memory()  # from the verified files on disk now
+    assert f.read_local(refs[:3], 1500, 100) == whole[1500:1600]
+    assert f.read_local(refs[:4], 0, len(whole) + 1) is None  # the fourth is not here
+    assert len(src.requests) == 1
