@@ -33,6 +33,7 @@ class FuseConfig:
     prefetch_parallel: int = 4
     readahead: int = 512 * 1024
     whole_file: int = 64 << 20
+    page_readahead_kb: int = -1
     log_level: str = "info"
 
 
@@ -67,6 +68,7 @@ class FuseProcess:
                "--cache-dir", str(cfg.cache_dir), "--cache-size", str(cfg.cache_size),
                "--prefetch-parallel", str(cfg.prefetch_parallel),
                "--readahead", str(cfg.readahead), "--whole-file", str(cfg.whole_file),
+               "--page-readahead-kb", str(cfg.page_readahead_kb),
                "--profile-dir", str(cfg.cache_dir.parent / "profiles"),
                "--log-level", cfg.log_level, "--ready-fd", str(write_fd)]
         if not cfg.background_prefetch:

@@ -167,13 +167,15 @@ class Server:
         def read(layer: Layer, local: int, off: int, size: int) -> bytes:
             return self.reader.read(layer, local, off, size, record=False)
 
-        found = Predictor(view, read).predict(req.get("argv") or [], req.get("env") or [],
-                                              str(req.get("workdir") or "/"))
+        predictor = Predictor(view, read)
+        found = predictor.predict(req.get("argv") or [], req.get("env") or [],
+                                  str(req.get("workdir") or "/"))
         wanted = [(f.layer, chunk_ref(c)) for f in found for c in f.entry.chunks]
         self.prefetcher.fetch_files(wanted)
+        deeper = predictor.libraries(found)  # after the fetch is under way: more round trips
         log.info("predicted prefetch", extra={"kv": {"files": len(found), "argv0": (
-            req.get("argv") or ["?"])[0]}})
-        return {"files": [f.path for f in found]}
+            req.get("argv") or ["?"])[0], "libraries_left_to_reads": len(deeper)}})
+        return {"files": [f.path for f in found], "libraries": [f.path for f in deeper]}
 
     def op_profile(self, req: dict[str, Any]) -> dict[str, Any]:
         """Each layer's first-touch chunk order (blob offsets), by layer digest: what was
@@ -328,6 +330,35 @@ async def _main(server: Server, control: str, ready_fd: int | None) -> None:
                 break
 
 
+def _mount_device(mountpoint: Path) -> str | None:
+    """The mount's "major:minor" from /proc/self/mountinfo: a stat() would be a FUSE
+    request, which waits for a main loop that is not running yet."""
+    want = os.path.abspath(mountpoint)  # resolve() would stat the mount itself
+    found = None
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        for line in f:
+            fields = line.split()
+            path = fields[4].replace("\\040", " ")
+            if path == want:
+                found = fields[2]  # the last one is on top
+    return found
+
+
+def set_page_readahead(mountpoint: Path, kb: int) -> None:
+    """Sets how far the kernel reads ahead on the mount. Its default (128 KiB, centred on
+    each page fault of a mapped file) turns a program's scattered page faults into reads of
+    whole neighbourhoods, which on a cold layer means fetching chunks nothing needs."""
+    dev = _mount_device(mountpoint)
+    path = Path(f"/sys/class/bdi/{dev}/read_ahead_kb")
+    try:
+        path.write_text(str(kb))
+    except OSError as e:
+        log.warning("cannot set the kernel's readahead on the mount; reads keep the kernel's "
+                    "default", extra={"kv": {"path": path, "error": e}})
+        return
+    log.info("kernel readahead set", extra={"kv": {"device": dev, "kb": kb}})
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="zest-fuse", description=__doc__.splitlines()[0])
     ap.add_argument("--mountpoint", required=True)
@@ -339,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--readahead", type=int, default=512 * 1024)
     ap.add_argument("--whole-file", type=int, default=64 << 20,
                     help="a miss fetches the rest of files up to this size (0: off)")
+    ap.add_argument("--page-readahead-kb", type=int, default=-1,
+                    help="the kernel's readahead on the mount (-1: leave the kernel's)")
     ap.add_argument("--profile-dir", help="where first-run profiles are kept")
     ap.add_argument("--ready-fd", type=int)
     ap.add_argument("--log-level", default="info")
@@ -358,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
                     profile_dir=Path(args.profile_dir) if args.profile_dir else None)
     options = {"fsname=zest", "subtype=zest", "ro", "allow_other", "default_permissions"}
     pyfuse3.init(server.ops, str(mountpoint), options)
+    if args.page_readahead_kb >= 0:
+        set_page_readahead(mountpoint, args.page_readahead_kb)
     log.info("FUSE process serving", extra={"kv": {"mountpoint": mountpoint, "pid": os.getpid()}})
     threading.Thread(target=warm_up, name="zest-warm-up", daemon=True).start()
     try:

@@ -197,3 +197,25 @@ def test_stop_finds_a_process_whose_socket_is_gone(tmp_path: Path) -> None:
     assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(
         f"/proc/{pid}/status").read_text().lower()
     subprocess.run(["umount", "-l", str(cfg.mountpoint)], capture_output=True)
+
+
+def test_kernel_readahead_of_the_mount_is_set(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("FUSE mounts need root")
+    cfg = FuseConfig(mountpoint=tmp_path / "mnt", control=tmp_path / "fuse.sock",
+                     cache_dir=tmp_path / "cache", cache_size=1 << 30,
+                     log_file=tmp_path / "fuse.log", background_prefetch=False,
+                     page_readahead_kb=16)
+    proc = FuseProcess(cfg)
+    proc.start()
+    try:
+        _add(proc, tmp_path, "lower", 1, LOWER)
+        dev = os.stat(cfg.mountpoint).st_dev
+        bdi = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+        assert bdi.read_text().strip() == "16"
+        with open(cfg.mountpoint / "lower/bin/big", "rb") as f:  # still reads right
+            f.seek(3_000_000)
+            assert f.read(70_000) == BIG[3_000_000:3_070_000]
+    finally:
+        proc.stop()
+        subprocess.run(["umount", "-l", str(cfg.mountpoint)], capture_output=True)
