@@ -40,18 +40,21 @@ class TocSummary:
     distinct_chunks: int
     tar_size: int
     file_bytes: int
-    prefetch: int
+    prefetch: int  # chunks in the prefetch list
+    prefetch_bytes: int  # their compressed size: what a node fetches before anything else
 
 
 def summarize(toc: toc_pb2.TOC) -> TocSummary:
     digests: set[bytes] = set()
+    sizes: dict[int, int] = {}
     chunks = file_bytes = 0
     for e in toc.entries:
         chunks += len(e.chunks)
         file_bytes += e.size
         digests.update(c.digest for c in e.chunks)
+        sizes.update((c.blob_offset, c.compressed_size) for c in e.chunks)
     return TocSummary(len(toc.entries), chunks, len(digests), toc.tar_size, file_bytes,
-                      len(toc.prefetch))
+                      len(toc.prefetch), sum(sizes.get(o, 0) for o in set(toc.prefetch)))
 
 
 def check_chunk_table(toc: toc_pb2.TOC, blob_size: int) -> None:

@@ -25,6 +25,7 @@ class LayerReport:
     chunks: int | None = None
     distinct_chunks: int | None = None
     prefetch: int | None = None
+    prefetch_bytes: int | None = None
     toc_verified: bool | None = None
     error: str | None = None
 
@@ -68,7 +69,8 @@ def inspect_layer(store: st.ImageStore, index: int, desc: dict[str, Any]) -> Lay
         return rep
     s = tocmod.summarize(toc)
     rep.uncompressed_size, rep.entries, rep.chunks = s.tar_size, s.entries, s.chunks
-    rep.distinct_chunks, rep.prefetch, rep.toc_verified = s.distinct_chunks, s.prefetch, True
+    rep.distinct_chunks, rep.toc_verified = s.distinct_chunks, True
+    rep.prefetch, rep.prefetch_bytes = s.prefetch, s.prefetch_bytes
     return rep
 
 
@@ -111,13 +113,14 @@ def run_inspect(args: argparse.Namespace) -> int:
         for name, reports in result:
             print(f"manifest {name}")
             print(f"  {'#':>2} {'format':<8} {'compressed':>11} {'uncompressed':>12} "
-                  f"{'entries':>8} {'chunks':>7} {'distinct':>8}  toc   digest")
+                  f"{'entries':>8} {'chunks':>7} {'distinct':>8} {'prefetch':>9}  toc   digest")
             for r in reports:
                 toc = {True: "ok", False: "BAD", None: "-"}[r.toc_verified]
                 print(f"  {r.index:>2} {r.format:<8} {_mb(r.compressed_size):>11} "
                       f"{_mb(r.uncompressed_size):>12} {r.entries or '-':>8} "
                       f"{r.chunks if r.chunks is not None else '-':>7} "
-                      f"{r.distinct_chunks if r.distinct_chunks is not None else '-':>8}  "
+                      f"{r.distinct_chunks if r.distinct_chunks is not None else '-':>8} "
+                      f"{_mb(r.prefetch_bytes) if r.prefetch else '-':>9}  "
                       f"{toc:<5} {r.digest[:19]}")
                 if r.error:
                     print(f"     error: {r.error}")

@@ -32,8 +32,11 @@ def test_profile_round_trip(node_factory: Callable[..., Node], python_image: str
     out = zest("inspect", "--json", dst).stdout
     import json
 
-    prefetch = [layer["prefetch"] for layer in json.loads(out)[0]["layers"]]
+    reports = json.loads(out)[0]["layers"]
+    prefetch = [layer["prefetch"] for layer in reports]
     assert all(p and p > 10 for p in prefetch), prefetch
+    # what a node fetches first: some of each layer, never more than the layer
+    assert all(0 < r["prefetch_bytes"] < r["compressed_size"] for r in reports), reports
     for new, old in zip(m["layers"], src["layers"], strict=True):
         assert fmt.ANN_TOC_DIGEST in new["annotations"]
         assert new["annotations"]["dev.zest.toc.offset"] == old["annotations"][

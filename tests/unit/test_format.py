@@ -66,3 +66,18 @@ def test_annotations_roundtrip() -> None:
     assert fmt.footer_from_annotations({}) is None
     with pytest.raises(FormatError):
         fmt.footer_from_annotations({**ann, "dev.zest.toc.size": "x"})
+
+
+def test_summary_counts_what_the_prefetch_list_fetches() -> None:
+    from chunkstore.toc import summarize
+
+    toc = toc_pb2.TOC(tar_size=10_000)
+    for i, name in enumerate((b"a", b"b")):
+        e = toc.entries.add(name=name, type=toc_pb2.REG, size=2000)
+        for j in range(2):
+            e.chunks.add(file_offset=j * 1000, blob_offset=i * 4000 + j * 2000,
+                         compressed_size=100 * (i * 2 + j + 1), size=1000,
+                         digest=bytes([i * 2 + j]) * 32)
+    toc.prefetch.extend([6000, 0, 6000, 12345])  # a repeat, and an offset of no chunk
+    s = summarize(toc)
+    assert (s.chunks, s.prefetch, s.prefetch_bytes) == (4, 4, 400 + 100)
