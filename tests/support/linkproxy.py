@@ -34,6 +34,7 @@ class Request:
     status: int
     bytes: int
     started: float
+    ended: float = 0.0
 
 
 class _Bucket:
@@ -163,7 +164,7 @@ def _handler(proxy: LinkProxy) -> type[BaseHTTPRequestHandler]:
                         self.wfile.write(piece)
                         sent += len(piece)
                 proxy.record(Request(self.command, self.path, self.headers.get("Range"),
-                                     resp.status, sent, started))
+                                     resp.status, sent, started, time.monotonic()))
             finally:
                 conn.close()
 
