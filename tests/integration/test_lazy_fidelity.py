@@ -215,7 +215,8 @@ def test_basic_auth_from_docker_config(node_factory: Callable[..., Node], busybo
 @pytest.mark.allow_log_errors
 def test_flipped_byte_is_never_served(node_factory: Callable[..., Node],
                                       python_image: str) -> None:
-    node = node_factory()
+    # nothing fetched ahead of the run: the run's own reads must meet the bad responses
+    node = node_factory(extra_config="predict = false\n")  # background prefetch is off
     node.pull(python_image)
     node.link.corrupt_ranges = 1  # one bad response: refetched, the right bytes served
     out = node.run(python_image, "python3", "-c", "print('hello')")
