@@ -74,13 +74,14 @@ class Reader:
 
     def read(self, layer: Layer, local: int, offset: int, size: int,
              record: bool = True) -> bytes:
-        """`record=False`: zest's own reads (the predictor), kept out of the profile."""
+        """`record=False`: zest's own reads (the predictor), kept out of the profile and of
+        whole-file fetching, which answers how a program reads a file, not how zest does."""
         started = time.monotonic()
         span = self._span(layer, local, offset, size, record)
         if span is None:
             return b""
         e, first, refs, end = span
-        if (self.whole_file and e.size <= self.whole_file and len(e.chunks) > len(refs)
+        if (record and self.whole_file and e.size <= self.whole_file and len(e.chunks) > len(refs)
                 and local not in layer.whole_files
                 and not all(self.fetcher.is_cached(r) for r in refs)
                 and self._enough_misses(layer, local, e.size, len(e.chunks))):

@@ -109,6 +109,25 @@ def test_whole_file_fetching_off_fetches_only_what_is_read(
     prefetcher.shutdown()
 
 
+def test_zest_s_own_reads_never_send_for_whole_files(tmp_path: Path) -> None:
+    """The predictor reads ELF headers here and there; that is not a program reading a file
+    through, so it must not fetch the whole file (it did: libcrypto, 4.7 MB, for two
+    header reads)."""
+    layer, src = _layer(tmp_path)
+    fetcher = Fetcher(ChunkCache(tmp_path / "cache", 10**8))
+    prefetcher = Prefetcher(fetcher, parallel=2, background=False)
+    reader = Reader(fetcher, 0, whole_file=64 << 20, on_miss=prefetcher.fetch_files)
+    big = _ino(layer, b"big")
+    entry = layer.tree.entry(big)
+    assert entry is not None and len(entry.chunks) >= 4
+    for c in (entry.chunks[0], entry.chunks[-1], entry.chunks[1]):
+        reader.read(layer, big, c.file_offset, 10, record=False)
+    time.sleep(0.2)
+    assert len(src.requests) == 3  # only what was read
+    assert layer.touched == []  # and kept out of the profile
+    prefetcher.shutdown()
+
+
 def test_warm_fetches_a_prefetch_list_before_the_layer_is_added(tmp_path: Path) -> None:
     from snapshotter.fuse.server import Server
 
