@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+from chunkstore._pb import toc_pb2
 from chunkstore.cache import ChunkCache
 from chunkstore.convert import convert_tar
 from chunkstore.fetch import ChunkRef, Fetcher
@@ -71,7 +72,9 @@ def test_waves_grow() -> None:
     assert sum(len(w) for w in waves) == 100
 
 
-def test_a_read_through_a_big_file_fetches_the_rest_of_it(tmp_path: Path) -> None:
+def _whole_file_reader(tmp_path: Path) -> tuple[Layer, MultiBlob, Fetcher, Prefetcher, Reader, int,
+                                                toc_pb2.Entry]:
+    """A layer, its blob, and a reader with whole-file fetching on; `big` and its entry."""
     layer, src = _layer(tmp_path)
     fetcher = Fetcher(ChunkCache(tmp_path / "cache", 10**8))
     prefetcher = Prefetcher(fetcher, parallel=2, background=False)
@@ -79,6 +82,11 @@ def test_a_read_through_a_big_file_fetches_the_rest_of_it(tmp_path: Path) -> Non
     big = _ino(layer, b"big")
     entry = layer.tree.entry(big)
     assert entry is not None and len(entry.chunks) >= 4
+    return layer, src, fetcher, prefetcher, reader, big, entry
+
+
+def test_a_read_through_a_big_file_fetches_the_rest_of_it(tmp_path: Path) -> None:
+    layer, src, fetcher, prefetcher, reader, big, entry = _whole_file_reader(tmp_path)
     refs = [ChunkRef(c.digest, c.blob_offset, c.compressed_size, c.size) for c in entry.chunks]
     # one miss is not enough in a file this size; the second one sends for the whole file
     assert reader.read(layer, big, 0, 4096) == BIG[:4096]
@@ -113,13 +121,7 @@ def test_zest_s_own_reads_never_send_for_whole_files(tmp_path: Path) -> None:
     """The predictor reads ELF headers here and there; that is not a program reading a file
     through, so it must not fetch the whole file (it did: libcrypto, 4.7 MB, for two
     header reads)."""
-    layer, src = _layer(tmp_path)
-    fetcher = Fetcher(ChunkCache(tmp_path / "cache", 10**8))
-    prefetcher = Prefetcher(fetcher, parallel=2, background=False)
-    reader = Reader(fetcher, 0, whole_file=64 << 20, on_miss=prefetcher.fetch_files)
-    big = _ino(layer, b"big")
-    entry = layer.tree.entry(big)
-    assert entry is not None and len(entry.chunks) >= 4
+    layer, src, _, prefetcher, reader, big, entry = _whole_file_reader(tmp_path)
     for c in (entry.chunks[0], entry.chunks[-1], entry.chunks[1]):
         reader.read(layer, big, c.file_offset, 10, record=False)
     time.sleep(0.2)
