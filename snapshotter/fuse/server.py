@@ -274,6 +274,16 @@ async def _serve_control(server: Server, path: str) -> None:
     listener = trio.SocketListener(sock)
 
     async def client(stream: trio.SocketStream) -> None:
+        # whatever happens to one client (a daemon killed mid-call hangs up before its
+        # reply) stays with it: an exception here would end the process and every mount
+        try:
+            await _converse(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.info("control client went away", extra={"kv": {"error": exc}})
+        except Exception as exc:
+            log.error("control connection failed", extra={"kv": {"error": repr(exc)}})
+
+    async def _converse(stream: trio.SocketStream) -> None:
         buf = b""
         async with stream:
             while True:

@@ -8,6 +8,7 @@ import random
 import stat
 import subprocess
 import tarfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -219,3 +220,20 @@ def test_kernel_readahead_of_the_mount_is_set(tmp_path: Path) -> None:
     finally:
         proc.stop()
         subprocess.run(["umount", "-l", str(cfg.mountpoint)], capture_output=True)
+
+
+def test_a_client_that_hangs_up_before_its_reply_leaves_the_process_serving(
+        fuse: tuple[FuseProcess, Path], tmp_path: Path) -> None:
+    """A daemon killed mid-call: the FUSE process answers into a closed socket. That once
+    ended the process, and with it every mount under running containers."""
+    import socket
+
+    proc, mnt = fuse
+    _add(proc, tmp_path, "lower", 1, LOWER)
+    for _ in range(3):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(proc.cfg.control))
+            s.sendall(b'{"op": "list"}\n')  # and gone before the answer
+    time.sleep(0.5)
+    assert proc.alive()
+    assert (mnt / "lower/etc/passwd").read_bytes() == b"root:x:0:0\n"
