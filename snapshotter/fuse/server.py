@@ -211,10 +211,17 @@ class Server:
             if (path is None or not layer.touched or path.exists()
                     or now - layer.last_touch < quiet):
                 continue
-            path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(json.dumps(layer.touched))
-            os.replace(tmp, path)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp.write_text(json.dumps(layer.touched))
+                os.replace(tmp, path)
+            except OSError as exc:  # a full disk costs the profile, never the mounts
+                log.warning("cannot keep a layer's first-run profile; it is tried again",
+                            extra={"kv": {"layer": layer.what, "path": path, "error": exc}})
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                continue
             saved += 1
         return saved
 

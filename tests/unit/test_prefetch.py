@@ -9,6 +9,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from chunkstore._pb import toc_pb2
 from chunkstore.cache import ChunkCache
 from chunkstore.convert import convert_tar
@@ -157,6 +159,22 @@ def test_warm_fetches_a_prefetch_list_before_the_layer_is_added(tmp_path: Path) 
                            "toc_digest": str(footer.toc_digest), "prefetch": False,
                            "source": {"kind": "file", "path": str(blob)}})
     assert reply == {"slot": 7} and not server._trees
+    server.prefetcher.shutdown()
+
+
+@pytest.mark.allow_log_errors
+def test_a_profile_that_cannot_be_written_costs_nothing_else(tmp_path: Path) -> None:
+    from snapshotter.fuse.server import Server
+
+    (tmp_path / "profiles").write_text("a file where the directory should be")
+    server = Server(tmp_path / "mnt", ChunkCache(tmp_path / "cache", 10**8),
+                    background_prefetch=False, prefetch_parallel=2,
+                    profile_dir=tmp_path / "profiles")
+    layer, _ = _layer(tmp_path)
+    layer.digest = "sha256:" + "ab" * 32
+    layer.touched.append(0)
+    server.layers.add(layer)
+    assert server.save_profiles(quiet=0) == 0  # logged, not raised: the process lives on
     server.prefetcher.shutdown()
 
 
