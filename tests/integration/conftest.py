@@ -114,7 +114,12 @@ def node_factory(registry: LocalRegistry, tmp_path: Path) -> Iterator[Callable[.
         link = link or LinkProxy(registry.host).__enter__()
         port = free_port()
         zsd = Snapshotterd(config_toml=_config(port, background, extra_config),
-                           log_level="info").start()
+                           log_level="info")
+        try:
+            zsd.start()
+        except BaseException:
+            zsd.remove()  # a daemon that never came up leaves no directory behind
+            raise
         ctrd = Containerd(tmp_path, extra_toml=proxy_plugin_toml("zest", zsd.address)).start()
         node = Node(zsd, ctrd, link, port)
         started.append(node)
