@@ -60,6 +60,21 @@ class Found:
         return e
 
 
+def _key(f: Found) -> tuple[int, int]:
+    """One file of one layer."""
+    return id(f.layer), f.local
+
+
+def _adder(out: list[Found], seen: set[tuple[int, int]]) -> Callable[[Found | None], None]:
+    """Appends to `out` each file not yet seen, up to _MAX_FILES."""
+    def add(f: Found | None) -> None:
+        if f is not None and _key(f) not in seen and len(out) < _MAX_FILES:
+            seen.add(_key(f))
+            out.append(f)
+
+    return add
+
+
 class MergedView:
     """Path lookups across an image's lazy layers (bottom first), as overlayfs merges them."""
 
@@ -253,12 +268,8 @@ class Predictor:
         if first is None:
             return []
         out: list[Found] = [first]
-        seen = {(id(first.layer), first.local)}
-
-        def add(f: Found | None) -> None:
-            if f is not None and (id(f.layer), f.local) not in seen and len(out) < _MAX_FILES:
-                seen.add((id(f.layer), f.local))
-                out.append(f)
+        seen = {_key(first)}
+        add = _adder(out, seen)
 
         head = self._bytes(first, 0, 256)
         if head.startswith(b"#!"):  # a script: its interpreter is what runs
@@ -275,9 +286,8 @@ class Predictor:
         runtime: list[Found] = []
         for path in _RUNTIME_FILES:
             hit = self.view.lookup(path)
-            if hit is not None and hit.entry.type == toc_pb2.REG and (
-                    id(hit.layer), hit.local) not in seen:
-                seen.add((id(hit.layer), hit.local))
+            if hit is not None and hit.entry.type == toc_pb2.REG and _key(hit) not in seen:
+                seen.add(_key(hit))
                 runtime.append(hit)
         return runtime + out  # the runtime reads these before it executes anything
 
@@ -288,13 +298,7 @@ class Predictor:
         needed (nodejs at 100 Mbit/s, 20 ms: 2.9 s to first output without them, 3.5 s
         with them)."""
         out: list[Found] = []
-        seen = {(id(f.layer), f.local) for f in found}
-
-        def add(f: Found | None) -> None:
-            if f is not None and (id(f.layer), f.local) not in seen and len(out) < _MAX_FILES:
-                seen.add((id(f.layer), f.local))
-                out.append(f)
-
+        add = _adder(out, {_key(f) for f in found})
         queue = [f for f in found if f.entry.size > 0]
         while queue:
             before = len(out)

@@ -96,7 +96,6 @@ class Reader:
         out = buf[offset - first : end - first]
         took = time.monotonic() - started
         READ_LATENCY.observe(took)
-
         if log.isEnabledFor(logging.DEBUG):
             log.debug("read", extra={"kv": {"what": what, "offset": offset, "size": size,
                                             "ms": round(took * 1000, 1)}})

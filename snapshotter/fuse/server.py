@@ -366,6 +366,10 @@ def set_page_readahead(mountpoint: Path, kb: int) -> None:
     each page fault of a mapped file) turns a program's scattered page faults into reads of
     whole neighbourhoods, which on a cold layer means fetching chunks nothing needs."""
     dev = _mount_device(mountpoint)
+    if dev is None:
+        log.warning("cannot find the mount in /proc/self/mountinfo; reads keep the kernel's "
+                    "readahead", extra={"kv": {"mountpoint": mountpoint}})
+        return
     path = Path(f"/sys/class/bdi/{dev}/read_ahead_kb")
     try:
         path.write_text(str(kb))
