@@ -22,10 +22,13 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from chunkstore import format as fmt
+from chunkstore import hot
+from chunkstore._pb import toc_pb2
 from chunkstore.digest import Digest
 from snapshotter.fuse import protocol
 from snapshotter.image import store as st
@@ -82,16 +85,31 @@ def run_workload(address: str, namespace: str, ref: str, cmd: list[str], timeout
     return why
 
 
+def _read_toc(src: st.ImageStore, digest: str, footer: fmt.Footer) -> toc_pb2.TOC:
+    reader = getattr(src, "read_range", None)
+    if reader is not None:
+        payload = reader(digest, footer.toc_offset, footer.toc_size)
+    else:
+        with src.open_blob(digest) as f:
+            f.seek(footer.toc_offset)
+            payload = f.read(footer.toc_size)
+    return fmt.decode_toc(payload, footer.toc_digest)
+
+
 def rewrite_layer(src: st.ImageStore, dst: st.ImageStore, desc: dict[str, Any],
-                  offsets: list[int], tmpdir: str | None) -> dict[str, Any]:
-    """The layer with `offsets` as its TOC's prefetch list, uploaded to dst."""
+                  offsets: list[int], tmpdir: str | None,
+                  pages: Sequence[tuple[int, int, int]] = ()) -> dict[str, Any]:
+    """The layer with `offsets` as its TOC's prefetch list and the recorded `pages` (entry,
+    first page, pages) packed as its hot frames, uploaded to dst."""
     footer = fmt.footer_from_annotations(desc.get("annotations") or {})
     if footer is None:
         return desc
     digest = desc["digest"]
-    reader = getattr(src, "read_range", None)
+    toc = _read_toc(src, digest, footer)
+    # chunk frames are kept byte for byte; hot frames of an earlier optimize are not
+    frames_end = (toc.hot_frames[0].blob_offset - 8 if toc.hot_frames
+                  else footer.toc_offset - 8)  # a skippable frame's header is 8 bytes
     with src.open_blob(digest) as f, tempfile.TemporaryFile(dir=tmpdir) as tmp:
-        frames_end = footer.toc_offset - 8  # the TOC's skippable-frame header starts here
         left = frames_end
         while left:
             piece = f.read(min(left, 1 << 20))
@@ -99,15 +117,22 @@ def rewrite_layer(src: st.ImageStore, dst: st.ImageStore, desc: dict[str, Any],
                 raise OptimizeError(f"layer {digest} is shorter than its TOC offset")
             tmp.write(piece)
             left -= len(piece)
-        payload = f.read(footer.toc_size + 8)[8:] if reader is None else reader(
-            digest, footer.toc_offset, footer.toc_size)
-        toc = fmt.decode_toc(payload, footer.toc_digest)
+
+        def read_range(offset: int, length: int) -> bytes:
+            tmp.seek(offset)
+            return tmp.read(length)
+
         valid = {c.blob_offset for e in toc.entries for c in e.chunks}
         del toc.prefetch[:]
         toc.prefetch.extend(o for o in offsets if o in valid)
+        runs = hot.page_runs(pages, lambda k: toc.entries[k].size if k < len(toc.entries)
+                             else 0)
+        hot_size = hot.write_hot(_appender(tmp), frames_end, toc, read_range, runs)
         new_payload = fmt.encode_toc(toc)
+        tmp.seek(frames_end + hot_size)
         tmp.write(fmt.toc_frame_header(len(new_payload)))
-        new_footer = fmt.Footer(frames_end + 8, len(new_payload), Digest.of(new_payload))
+        new_footer = fmt.Footer(frames_end + hot_size + 8, len(new_payload),
+                                Digest.of(new_payload))
         tmp.write(new_payload)
         tmp.write(new_footer.encode())
         size = tmp.tell()
@@ -122,6 +147,16 @@ def rewrite_layer(src: st.ImageStore, dst: st.ImageStore, desc: dict[str, Any],
     ann = dict(desc.get("annotations") or {})
     ann.update(fmt.toc_annotations(new_footer))
     return {**desc, "digest": new_digest, "size": size, "annotations": ann}
+
+
+def _appender(f: BinaryIO) -> Callable[[bytes], int]:
+    """Writes at the end of a file that is also read at random (the chunks hot frames are
+    packed from)."""
+    def write(data: bytes) -> int:
+        f.seek(0, os.SEEK_END)
+        return f.write(data)
+
+    return write
 
 
 def _platform_manifest(store: st.ImageStore, ref: str) -> st.Manifest:
@@ -150,8 +185,10 @@ def run_optimize(args: argparse.Namespace) -> int:
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     why = run_workload(args.address, args.namespace, args.src, cmd, args.timeout, args.ready)
-    profiles = {p["digest"]: p["offsets"] for p in
-                protocol.call(control, {"op": "profile"})["layers"] if p["digest"] in digests}
+    recorded = [p for p in protocol.call(control, {"op": "profile"})["layers"]
+                if p["digest"] in digests]
+    profiles = {p["digest"]: p["offsets"] for p in recorded}
+    pages = {p["digest"]: [tuple(r) for r in p.get("pages") or []] for p in recorded}
     src, src_ref = open_store(args.src, plain_http=args.plain_http)
     dst, dst_ref = open_store(args.dst, plain_http=args.plain_http, for_writing=True)
     try:
@@ -162,7 +199,8 @@ def run_optimize(args: argparse.Namespace) -> int:
             with src.open_blob(cfg["digest"]) as f:
                 dst.put_blob(io.BytesIO(f.read()), cfg["digest"], int(cfg["size"]))
         obj["layers"] = [rewrite_layer(src, dst, d, profiles.get(d["digest"], []),
-                                       args.tmpdir) for d in obj["layers"]]
+                                       args.tmpdir, pages.get(d["digest"], []))
+                         for d in obj["layers"]]
         data = json.dumps(obj, indent=2).encode()
         new = st.Manifest(manifest.media_type, data, str(Digest.of(data)))
         dst.put_manifest(new, None if dst_ref.startswith("sha256:") else dst_ref)
@@ -170,7 +208,8 @@ def run_optimize(args: argparse.Namespace) -> int:
         dst.close()
         src.close()
     counts = ", ".join(f"{len(v)}" for v in profiles.values())
+    hot_pages = ", ".join(str(sum(r[2] for r in v)) for v in pages.values())
     print(f"optimized {args.src} -> {args.dst} digest {new.digest} (workload {why}; "
-          f"prefetch chunks per layer: {counts})")
+          f"prefetch chunks per layer: {counts}; hot pages per layer: {hot_pages})")
     return 0
 

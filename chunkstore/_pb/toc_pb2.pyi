@@ -82,16 +82,46 @@ class Entry(_message.Message):
     header_offset: int
     def __init__(self, name: _Optional[bytes] = ..., type: _Optional[_Union[EntryType, str]] = ..., mode: _Optional[int] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., uname: _Optional[str] = ..., gname: _Optional[str] = ..., size: _Optional[int] = ..., mtime: _Optional[int] = ..., mtime_nsec: _Optional[int] = ..., linkname: _Optional[bytes] = ..., devmajor: _Optional[int] = ..., devminor: _Optional[int] = ..., xattrs: _Optional[_Iterable[_Union[Xattr, _Mapping]]] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., header_offset: _Optional[int] = ...) -> None: ...
 
+class HotFrame(_message.Message):
+    __slots__ = ("blob_offset", "compressed_size", "size", "digest")
+    BLOB_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSED_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    blob_offset: int
+    compressed_size: int
+    size: int
+    digest: bytes
+    def __init__(self, blob_offset: _Optional[int] = ..., compressed_size: _Optional[int] = ..., size: _Optional[int] = ..., digest: _Optional[bytes] = ...) -> None: ...
+
+class HotRange(_message.Message):
+    __slots__ = ("entry", "file_offset", "length", "frame", "frame_offset")
+    ENTRY_FIELD_NUMBER: _ClassVar[int]
+    FILE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    FRAME_FIELD_NUMBER: _ClassVar[int]
+    FRAME_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    entry: int
+    file_offset: int
+    length: int
+    frame: int
+    frame_offset: int
+    def __init__(self, entry: _Optional[int] = ..., file_offset: _Optional[int] = ..., length: _Optional[int] = ..., frame: _Optional[int] = ..., frame_offset: _Optional[int] = ...) -> None: ...
+
 class TOC(_message.Message):
-    __slots__ = ("version", "entries", "prefetch", "tar_size", "tar_digest")
+    __slots__ = ("version", "entries", "prefetch", "tar_size", "tar_digest", "hot_frames", "hot")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     PREFETCH_FIELD_NUMBER: _ClassVar[int]
     TAR_SIZE_FIELD_NUMBER: _ClassVar[int]
     TAR_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    HOT_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    HOT_FIELD_NUMBER: _ClassVar[int]
     version: int
     entries: _containers.RepeatedCompositeFieldContainer[Entry]
     prefetch: _containers.RepeatedScalarFieldContainer[int]
     tar_size: int
     tar_digest: bytes
-    def __init__(self, version: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[Entry, _Mapping]]] = ..., prefetch: _Optional[_Iterable[int]] = ..., tar_size: _Optional[int] = ..., tar_digest: _Optional[bytes] = ...) -> None: ...
+    hot_frames: _containers.RepeatedCompositeFieldContainer[HotFrame]
+    hot: _containers.RepeatedCompositeFieldContainer[HotRange]
+    def __init__(self, version: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[Entry, _Mapping]]] = ..., prefetch: _Optional[_Iterable[int]] = ..., tar_size: _Optional[int] = ..., tar_digest: _Optional[bytes] = ..., hot_frames: _Optional[_Iterable[_Union[HotFrame, _Mapping]]] = ..., hot: _Optional[_Iterable[_Union[HotRange, _Mapping]]] = ...) -> None: ...

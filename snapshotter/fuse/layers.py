@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chunkstore.fetch import RangeSource
+from chunkstore.hot import PAGE
 from snapshotter.fuse.tree import LayerTree
 
 SLOT_SHIFT = 32
 _MAX_PROFILE = 1_000_000  # chunks recorded per layer at most
+_MAX_PAGES = 4_000_000  # pages recorded per layer at most (16 GiB)
 LOCAL_MASK = (1 << SLOT_SHIFT) - 1
 MOUNT_ROOT = 1
 
@@ -61,6 +63,12 @@ class Layer:
     # files (local inode numbers) whose whole content a read miss already sent for
     whole_files: set[int] = field(default_factory=set)
     file_misses: dict[int, int] = field(default_factory=dict)  # reads that went out, by file
+    # `zest optimize` is recording: the pages reads asked for, as (TOC entry, page), in
+    # first-touch order, kept apart from the chunks because hot frames are packed from them
+    recording: bool = False
+    pages: list[tuple[int, int]] = field(default_factory=list)
+    pages_set: set[tuple[int, int]] = field(default_factory=set)
+    kernel_knows: set[int] = field(default_factory=set)  # local inodes looked up for stores
 
     @property
     def prefetch_list(self) -> list[int]:
@@ -72,6 +80,24 @@ class Layer:
                 self.touched_set.add(off)
                 self.touched.append(off)
                 self.last_touch = time.monotonic()
+
+
+    def touch_pages(self, entry: int, offset: int, end: int) -> None:
+        for page in range(offset // PAGE, (end + PAGE - 1) // PAGE):
+            key = (entry, page)
+            if key not in self.pages_set and len(self.pages) < _MAX_PAGES:
+                self.pages_set.add(key)
+                self.pages.append(key)
+
+    def page_runs(self) -> list[tuple[int, int, int]]:
+        """The recorded pages as (entry, first page, pages), neighbours joined."""
+        out: list[list[int]] = []
+        for entry, page in self.pages:
+            if out and out[-1][0] == entry and out[-1][1] + out[-1][2] == page:
+                out[-1][2] += 1
+            else:
+                out.append([entry, page, 1])
+        return [(a, b, c) for a, b, c in out]
 
 
 class LayerSet:

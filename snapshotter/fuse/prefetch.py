@@ -1,4 +1,5 @@
-"""Background fetching: a layer's prefetch list first, then (optionally) the rest of it.
+"""Background fetching: a layer's hot frames or prefetch list first, then (optionally) the
+rest of it.
 
 On-demand reads never wait behind this: prefetch runs in its own few threads,
 bounded by a semaphore shared by all layers, while reads use their own worker
@@ -19,6 +20,7 @@ from typing import TypeVar
 
 from chunkstore.fetch import ChunkRef, Fetcher, MultiRangeSource, RangeSource
 from snapshotter.fuse.layers import Layer
+from snapshotter.fuse.pagecache import PageCache
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -122,8 +124,9 @@ class _RankedPool:
 
 class Prefetcher:
     def __init__(self, fetcher: Fetcher, *, parallel: int = 4, background: bool = True,
-                 quiet_seconds: float = _QUIET_SECONDS):
+                 quiet_seconds: float = _QUIET_SECONDS, pages: PageCache | None = None):
         self.fetcher = fetcher
+        self.pages = pages  # where hot frames go once here: the kernel's page cache
         self.background = background
         self.quiet_seconds = quiet_seconds
         self._pool = _RankedPool(parallel, "zest-prefetch")
@@ -189,8 +192,14 @@ class Prefetcher:
         mounted = time.monotonic()
         try:
             tree = layer.tree
-            first = [r for r in map(tree.chunk_at, dict.fromkeys(layer.prefetch_list)) if r]
-            layer.prefetch_total = tree.chunk_count if self.background else len(first)
+            hot = [tree.hot_ref(i) for i in range(len(tree.hot.frames))]
+            # hot frames hold the recorded pages themselves: the chunk list would fetch them
+            # again, with their neighbours, so it goes with the rest
+            first = [] if hot else [
+                r for r in map(tree.chunk_at, dict.fromkeys(layer.prefetch_list)) if r]
+            layer.prefetch_total = len(hot) + (
+                tree.chunk_count if self.background else len(first))
+            self._fetch_hot(layer, hot)
             self._fetch_first(layer, first)
             if self.background:
                 self._fetch_rest(layer, {r.blob_offset for r in first}, mounted)
@@ -211,6 +220,32 @@ class Prefetcher:
                    for rank, batch in self._requests(layer.source, todo)]
         for f in futures:
             f.result()
+
+    def _fetch_hot(self, layer: Layer, refs: list[ChunkRef]) -> None:
+        """The hot frames, in parallel requests like the prefetch list; each one's pages go
+        into the page cache as soon as it is here (cached frames too: the pages may not be)."""
+        if not refs:
+            return
+        index = {r.blob_offset: i for i, r in enumerate(refs)}
+
+        def fetch(batch: list[ChunkRef]) -> None:
+            datas = self.fetcher.get(layer.source, batch, f"{layer.what} (hot)", demand=False)
+            layer.prefetch_done += len(batch)
+            if self.pages is not None:
+                for ref, data in zip(batch, datas, strict=True):
+                    self.pages.push(layer, index[ref.blob_offset], data)
+
+        if self.pages is not None:
+            self.pages.begin()
+        try:
+            futures = [self._pool.submit(rank, fetch, batch)
+                       for rank, batch in self._requests(layer.source, refs)]
+            for f in futures:
+                f.result()
+        finally:
+            if self.pages is not None:
+                self.pages.end()
+        log.info("hot frames in", extra={"kv": {"layer": layer.what, "frames": len(refs)}})
 
     def _fetch_rest(self, layer: Layer, skip: set[int], mounted: float) -> None:
         """The rest of the layer in blob order, one request of all layers' at a time and only

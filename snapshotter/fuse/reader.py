@@ -53,6 +53,10 @@ class Reader:
             return b""
         _, first, refs, end = span
         out = self.fetcher.read_local(refs, offset - first, end - offset)
+        if out is None and (hot := self._hot(layer, local, offset, end)):
+            parts = [self.fetcher.read_local([ref], at, n) for ref, at, n in hot]
+            out = None if any(p is None for p in parts) else b"".join(
+                p for p in parts if p is not None)
         if out is not None:
             READ_LATENCY.observe(time.monotonic() - started)
         return out
@@ -70,7 +74,21 @@ class Reader:
             return None
         if record:
             layer.touch([r.blob_offset for r in refs])
+            if layer.recording:
+                layer.touch_pages(layer.tree.nodes[local].entry, offset, end)
         return e, first, refs, end
+
+    @staticmethod
+    def _hot(layer: Layer, local: int, offset: int,
+             end: int) -> list[tuple[ChunkRef, int, int]] | None:
+        """The hot frame pieces (frame, offset in it, length) that hold the read whole."""
+        tree = layer.tree
+        if not tree.hot:
+            return None
+        pieces = tree.hot.cover(tree.nodes[local].entry, offset, end)
+        if pieces is None:
+            return None
+        return [(tree.hot_ref(p.frame), p.frame_offset, p.length) for p in pieces]
 
     def read(self, layer: Layer, local: int, offset: int, size: int,
              record: bool = True) -> bytes:
@@ -81,6 +99,15 @@ class Reader:
         if span is None:
             return b""
         e, first, refs, end = span
+        what = f"{layer.what} file /{e.name.decode(errors='replace')}"
+        hot = self._hot(layer, local, offset, end)
+        if hot is not None:  # a recorded workload's pages: their hot frame is here or coming
+            frames = list({ref.digest: ref for ref, _, _ in hot}.values())
+            got = dict(zip((r.digest for r in frames),
+                           self.fetcher.get(layer.source, frames, what), strict=True))
+            out = b"".join(got[ref.digest][at : at + n] for ref, at, n in hot)
+            READ_LATENCY.observe(time.monotonic() - started)
+            return out
         if (record and self.whole_file and e.size <= self.whole_file and len(e.chunks) > len(refs)
                 and local not in layer.whole_files
                 and not all(self.fetcher.is_cached(r) for r in refs)
@@ -89,7 +116,6 @@ class Reader:
             assert self.on_miss is not None
             asked = {r.digest for r in refs}  # this read fetches those itself, at once
             self.on_miss([(layer, chunk_ref(c)) for c in e.chunks if c.digest not in asked])
-        what = f"{layer.what} file /{e.name.decode(errors='replace')}"
         extra = layer.tree.following(refs[-1], self.readahead) if self.readahead else []
         datas = self.fetcher.get(layer.source, refs, what, readahead=extra)
         buf = b"".join(datas) if len(datas) > 1 else datas[0]

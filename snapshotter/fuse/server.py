@@ -38,6 +38,7 @@ from chunkstore.fetch import Fetcher, RangeSource
 from snapshotter.fuse import protocol
 from snapshotter.fuse.layers import FileSource, Layer, LayerSet, join_ino
 from snapshotter.fuse.ops import Operations
+from snapshotter.fuse.pagecache import PageCache, set_page_readahead
 from snapshotter.fuse.predict import MergedView, Predictor
 from snapshotter.fuse.prefetch import Prefetcher
 from snapshotter.fuse.reader import Reader
@@ -75,8 +76,10 @@ class Server:
         self.cache = cache
         self.fetcher = Fetcher(cache)
         self.layers = LayerSet()
+        self.pages = PageCache(mountpoint)
         self.prefetcher = Prefetcher(self.fetcher, parallel=prefetch_parallel,
-                                     background=background_prefetch)
+                                     background=background_prefetch, pages=self.pages)
+        self._recording = False  # `zest optimize` records: the mount's readahead is off
         self.reader = Reader(self.fetcher, readahead, whole_file=whole_file,
                              on_miss=self.prefetcher.fetch_files)
         self.ops = Operations(self.layers, self.reader)
@@ -118,9 +121,10 @@ class Server:
         """Start fetching the prefetch list of a layer that containerd will ask for next."""
         tree = self._tree(req["toc_path"], req["toc_digest"], keep=True)
         offsets = list(tree.toc.prefetch) or [int(x) for x in req.get("profile") or []]
-        if not offsets:
+        refs = [tree.hot_ref(i) for i in range(len(tree.hot.frames))] or [
+            r for r in map(tree.chunk_at, offsets) if r is not None]
+        if not refs:
             return {"chunks": 0}
-        refs = [r for r in map(tree.chunk_at, offsets) if r is not None]
         self.prefetcher.warm(self._source(req["source"]), refs, str(req.get("what", "")))
         return {"chunks": len(refs)}
 
@@ -181,9 +185,14 @@ class Server:
         """Each layer's first-touch chunk order (blob offsets), by layer digest: what was
         recorded since the mount, else what was kept from the layer's first run here."""
         out = []
+        if self._recording:
+            self._recording = False
+            self.pages.end()
         for layer in self.layers.all():
+            layer.recording = False
             offsets = list(layer.touched) or self._saved_profile(layer.digest)
-            out.append({"name": layer.name, "digest": layer.digest, "offsets": offsets})
+            out.append({"name": layer.name, "digest": layer.digest, "offsets": offsets,
+                        "pages": layer.page_runs()})
         return {"layers": out}
 
     # -- profiles learnt at run time ---------------------------------------------
@@ -231,9 +240,17 @@ class Server:
         us (and is recorded) again."""
         digests = set(req.get("digests") or [])
         layers = [layer for layer in self.layers.all() if layer.digest in digests]
+        if layers and not self._recording:
+            # pages as the workload asks for them, not 128 KiB around each: what hot frames
+            # hold is what the workload read, and the kernel's readahead is set per open file
+            self._recording = True
+            self.pages.begin()
         for layer in layers:
+            layer.recording = True  # before the pages are dropped: no hot frame refills them
             layer.touched.clear()
             layer.touched_set.clear()
+            layer.pages.clear()
+            layer.pages_set.clear()
             for local, node in layer.tree.nodes.items():
                 if stat.S_ISREG(node.mode):
                     with contextlib.suppress(OSError):
@@ -345,39 +362,6 @@ async def _main(server: Server, control: str, ready_fd: int | None) -> None:
                 pyfuse3.terminate()
                 nursery.cancel_scope.cancel()
                 break
-
-
-def _mount_device(mountpoint: Path) -> str | None:
-    """The mount's "major:minor" from /proc/self/mountinfo: a stat() would be a FUSE
-    request, which waits for a main loop that is not running yet."""
-    want = os.path.abspath(mountpoint)  # resolve() would stat the mount itself
-    found = None
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        for line in f:
-            fields = line.split()
-            path = fields[4].replace("\\040", " ")
-            if path == want:
-                found = fields[2]  # the last one is on top
-    return found
-
-
-def set_page_readahead(mountpoint: Path, kb: int) -> None:
-    """Sets how far the kernel reads ahead on the mount. Its default (128 KiB, centred on
-    each page fault of a mapped file) turns a program's scattered page faults into reads of
-    whole neighbourhoods, which on a cold layer means fetching chunks nothing needs."""
-    dev = _mount_device(mountpoint)
-    if dev is None:
-        log.warning("cannot find the mount in /proc/self/mountinfo; reads keep the kernel's "
-                    "readahead", extra={"kv": {"mountpoint": mountpoint}})
-        return
-    path = Path(f"/sys/class/bdi/{dev}/read_ahead_kb")
-    try:
-        path.write_text(str(kb))
-    except OSError as e:
-        log.warning("cannot set the kernel's readahead on the mount; reads keep the kernel's "
-                    "default", extra={"kv": {"path": path, "error": e}})
-        return
-    log.info("kernel readahead set", extra={"kv": {"device": dev, "kb": kb}})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from chunkstore._pb import toc_pb2
 from chunkstore.fetch import ChunkRef
+from chunkstore.hot import HotIndex
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class LayerTree:
         self._offsets: dict[int, list[int]] = {}
         self._chunk_offsets: array[int] | None = None
         self._chunk_where: array[int] | None = None
+        self.hot = HotIndex(toc)  # checked here: a bad TOC is refused at mount, not at a read
         for k, e in enumerate(toc.entries):
             self._add(k, e)
 
@@ -149,6 +151,16 @@ class LayerTree:
         if name == b"..":
             return node.parent
         return node.children.get(name)
+
+    def local_of(self, entry: int) -> int | None:
+        """The inode that serves TOC entry `entry` (None if a later entry replaced it)."""
+        node = self.nodes.get(entry + 2)
+        return entry + 2 if node is not None and node.entry == entry else None
+
+    def hot_ref(self, frame: int) -> ChunkRef:
+        """The fetcher's handle on a hot frame: content-addressed like a chunk."""
+        f = self.toc.hot_frames[frame]
+        return ChunkRef(f.digest, f.blob_offset, f.compressed_size, f.size)
 
     def entry(self, ino: int) -> toc_pb2.Entry | None:
         k = self.nodes[ino].entry

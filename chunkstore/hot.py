@@ -1,0 +1,189 @@
+"""Hot data: the pages a recorded workload touched, packed into a few large frames.
+
+Chunks are cut for random access (256 KiB on average) and compressed one by one, and a
+program touches a few scattered pages of each: fetching a workload's chunks moves two to
+three times the bytes it reads. `zest optimize` records the pages instead and packs them, in
+first-touch order, into frames of about HOT_FRAME_SIZE, compressed hard (a frame is written
+once and fetched by every node). They sit in skippable frames between the chunk frames and
+the TOC, so the blob still decompresses to the original tar, and the TOC lists them
+(`hot_frames`) with the file runs each holds (`hot`). A node fetches them first; the frames
+are content-addressed like chunks, so the fetcher and the cache take them as they are.
+"""
+
+from __future__ import annotations
+
+import bisect
+import struct
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import zstandard
+
+from chunkstore._pb import toc_pb2
+from chunkstore.digest import Digest
+from chunkstore.errors import FormatError
+
+SKIPPABLE_HOT = 0x184D2A5C
+PAGE = 4096
+HOT_FRAME_SIZE = 512 * 1024  # uncompressed; a frame is what a stalled read waits for
+HOT_LEVEL = 19  # measured: 4-7% smaller than level 3 on binaries, and paid once
+_HEADER = struct.Struct("<II")
+
+# (entry index, file offset, length): a run of a regular file's bytes
+Run = tuple[int, int, int]
+ReadRange = Callable[[int, int], bytes]
+
+
+def page_runs(pages: Iterable[tuple[int, int, int]], sizes: Callable[[int], int]) -> list[Run]:
+    """(entry, first page, pages) in first-touch order -> byte runs, cut at each file's end."""
+    out: list[Run] = []
+    for entry, first, count in pages:
+        start = first * PAGE
+        length = min(count * PAGE, sizes(entry) - start)
+        if length > 0:
+            out.append((entry, start, length))
+    return out
+
+
+class _ChunkReader:
+    """A file run's bytes out of a blob's chunk frames, each chunk verified, the last few
+    kept decompressed (runs of one file come together)."""
+
+    def __init__(self, toc: toc_pb2.TOC, read_range: ReadRange, keep: int = 16):
+        self.toc = toc
+        self.read_range = read_range
+        self._keep = keep
+        self._chunks: OrderedDict[bytes, bytes] = OrderedDict()
+        self._offsets: dict[int, list[int]] = {}
+        self._dctx = zstandard.ZstdDecompressor()
+
+    def _chunk(self, c: toc_pb2.Chunk) -> bytes:
+        data = self._chunks.get(c.digest)
+        if data is None:
+            frame = self.read_range(c.blob_offset, c.compressed_size)
+            data = self._dctx.decompress(frame, max_output_size=c.size)
+            Digest(c.digest).verify(data, "chunk")
+            self._chunks[c.digest] = data
+            if len(self._chunks) > self._keep:
+                self._chunks.popitem(last=False)
+        return data
+
+    def read(self, entry: int, offset: int, length: int) -> bytes:
+        e = self.toc.entries[entry]
+        if e.type != toc_pb2.REG or offset + length > e.size:
+            raise FormatError(f"hot run {entry}:{offset}+{length} is not inside a regular file")
+        offs = self._offsets.get(entry)
+        if offs is None:
+            offs = self._offsets[entry] = [c.file_offset for c in e.chunks]
+        i = bisect.bisect_right(offs, offset) - 1
+        parts = []
+        pos, end = offset, offset + length
+        while pos < end:
+            c = e.chunks[i]
+            data = self._chunk(c)
+            lo = pos - c.file_offset
+            hi = min(end - c.file_offset, c.size)
+            parts.append(data[lo:hi])
+            pos = c.file_offset + hi
+            i += 1
+        return b"".join(parts)
+
+
+def write_hot(write: Callable[[bytes], object], blob_offset: int, toc: toc_pb2.TOC,
+              read_range: ReadRange, runs: list[Run], frame_size: int = HOT_FRAME_SIZE,
+              level: int = HOT_LEVEL) -> int:
+    """Pack the runs' bytes (read from the blob's own chunks) into hot frames appended by
+    `write` at `blob_offset` of the new blob; fills the TOC's hot_frames and hot.
+    Returns the bytes written."""
+    del toc.hot_frames[:]
+    del toc.hot[:]
+    reader = _ChunkReader(toc, read_range)
+    cctx = zstandard.ZstdCompressor(level=level)
+    written = 0
+    buf = bytearray()
+
+    def flush() -> None:
+        nonlocal written
+        if not buf:
+            return
+        payload = cctx.compress(bytes(buf))
+        write(_HEADER.pack(SKIPPABLE_HOT, len(payload)))
+        write(payload)
+        toc.hot_frames.add(blob_offset=blob_offset + written + _HEADER.size,
+                           compressed_size=len(payload), size=len(buf),
+                           digest=Digest.of(bytes(buf)).raw)
+        written += _HEADER.size + len(payload)
+        buf.clear()
+
+    for entry, offset, length in runs:
+        while length > 0:  # a run never spans two frames: split it at the frame's end
+            n = min(length, frame_size - len(buf))
+            toc.hot.add(entry=entry, file_offset=offset, length=n,
+                        frame=len(toc.hot_frames), frame_offset=len(buf))
+            buf += reader.read(entry, offset, n)
+            offset += n
+            length -= n
+            if len(buf) >= frame_size:
+                flush()
+    flush()
+    return written
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    frame: int  # index into the TOC's hot_frames
+    frame_offset: int
+    length: int
+
+
+class HotIndex:
+    """Which bytes of which file the hot frames hold: per TOC entry, the runs sorted by file
+    offset. Answers whether a read is covered whole, and by which frame pieces."""
+
+    def __init__(self, toc: toc_pb2.TOC):
+        self.frames = list(toc.hot_frames)
+        # (entry, file offset, length, frame offset) of the runs in each frame
+        self.by_frame: list[list[tuple[int, int, int, int]]] = [[] for _ in self.frames]
+        runs: dict[int, list[tuple[int, int, int, int]]] = {}
+        for h in toc.hot:
+            if (h.frame >= len(self.frames) or h.entry >= len(toc.entries)
+                    or h.frame_offset + h.length > self.frames[h.frame].size
+                    or h.file_offset + h.length > toc.entries[h.entry].size):
+                raise FormatError(f"TOC hot run of entry {h.entry} lies outside its frame "
+                                  "or its file")
+            self.by_frame[h.frame].append((h.entry, h.file_offset, h.length, h.frame_offset))
+            runs.setdefault(h.entry, []).append((h.file_offset, h.length, h.frame,
+                                                 h.frame_offset))
+        self._starts: dict[int, list[int]] = {}
+        self._runs: dict[int, list[tuple[int, int, int, int]]] = {}
+        for entry, rs in runs.items():
+            rs.sort()
+            self._runs[entry] = rs
+            self._starts[entry] = [r[0] for r in rs]
+
+    def __bool__(self) -> bool:
+        return bool(self.frames)
+
+    def cover(self, entry: int, offset: int, end: int) -> list[Piece] | None:
+        """The frame pieces that hold [offset, end) of an entry, or None unless they hold all."""
+        starts = self._starts.get(entry)
+        if starts is None:
+            return None
+        rs = self._runs[entry]
+        i = bisect.bisect_right(starts, offset) - 1
+        if i < 0:
+            return None
+        out: list[Piece] = []
+        pos = offset
+        while pos < end:
+            if i >= len(rs):
+                return None
+            start, length, frame, foff = rs[i]
+            if not start <= pos < start + length:
+                return None
+            n = min(end, start + length) - pos
+            out.append(Piece(frame, foff + pos - start, n))
+            pos += n
+            i += 1
+        return out
