@@ -13,13 +13,16 @@ are content-addressed like chunks, so the fetcher and the cache take them as the
 from __future__ import annotations
 
 import bisect
+import os
 import struct
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import zstandard
 
+from chunkstore import format as fmt
 from chunkstore._pb import toc_pb2
 from chunkstore.digest import Digest
 from chunkstore.errors import FormatError
@@ -187,3 +190,28 @@ class HotIndex:
             pos += n
             i += 1
         return out
+
+
+def finish_blob(f: BinaryIO, frames_end: int, toc: toc_pb2.TOC,
+                pages: Iterable[tuple[int, int, int]],
+                frame_size: int = HOT_FRAME_SIZE) -> fmt.Footer:
+    """`f` (read and write) holds a blob's chunk frames up to `frames_end`: append the hot
+    frames of `pages` ((entry, first page, pages) in first-touch order, packed from those
+    chunks), then the TOC and the footer. Returns the footer."""
+    def read_range(offset: int, length: int) -> bytes:
+        f.seek(offset)
+        return f.read(length)
+
+    def write(data: bytes) -> None:
+        f.seek(0, os.SEEK_END)
+        f.write(data)
+
+    f.truncate(frames_end)
+    runs = page_runs(pages, lambda k: toc.entries[k].size if k < len(toc.entries) else 0)
+    size = write_hot(write, frames_end, toc, read_range, runs, frame_size)
+    payload = fmt.encode_toc(toc)
+    write(fmt.toc_frame_header(len(payload)))
+    footer = fmt.Footer(frames_end + size + 8, len(payload), Digest.of(payload))
+    write(payload)
+    write(footer.encode())
+    return footer

@@ -22,9 +22,9 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from chunkstore import format as fmt
 from chunkstore import hot
@@ -107,8 +107,9 @@ def rewrite_layer(src: st.ImageStore, dst: st.ImageStore, desc: dict[str, Any],
     digest = desc["digest"]
     toc = _read_toc(src, digest, footer)
     # chunk frames are kept byte for byte; hot frames of an earlier optimize are not
-    frames_end = (toc.hot_frames[0].blob_offset - 8 if toc.hot_frames
-                  else footer.toc_offset - 8)  # a skippable frame's header is 8 bytes
+    frames_end = footer.toc_offset - 8  # a skippable frame's header is 8 bytes
+    if toc.hot_frames:
+        frames_end = min(frames_end, min(h.blob_offset for h in toc.hot_frames) - 8)
     with src.open_blob(digest) as f, tempfile.TemporaryFile(dir=tmpdir) as tmp:
         left = frames_end
         while left:
@@ -118,23 +119,10 @@ def rewrite_layer(src: st.ImageStore, dst: st.ImageStore, desc: dict[str, Any],
             tmp.write(piece)
             left -= len(piece)
 
-        def read_range(offset: int, length: int) -> bytes:
-            tmp.seek(offset)
-            return tmp.read(length)
-
         valid = {c.blob_offset for e in toc.entries for c in e.chunks}
         del toc.prefetch[:]
         toc.prefetch.extend(o for o in offsets if o in valid)
-        runs = hot.page_runs(pages, lambda k: toc.entries[k].size if k < len(toc.entries)
-                             else 0)
-        hot_size = hot.write_hot(_appender(tmp), frames_end, toc, read_range, runs)
-        new_payload = fmt.encode_toc(toc)
-        tmp.seek(frames_end + hot_size)
-        tmp.write(fmt.toc_frame_header(len(new_payload)))
-        new_footer = fmt.Footer(frames_end + hot_size + 8, len(new_payload),
-                                Digest.of(new_payload))
-        tmp.write(new_payload)
-        tmp.write(new_footer.encode())
+        new_footer = hot.finish_blob(tmp, frames_end, toc, pages)
         size = tmp.tell()
         tmp.seek(0)
         h = hashlib.sha256()
@@ -147,16 +135,6 @@ def rewrite_layer(src: st.ImageStore, dst: st.ImageStore, desc: dict[str, Any],
     ann = dict(desc.get("annotations") or {})
     ann.update(fmt.toc_annotations(new_footer))
     return {**desc, "digest": new_digest, "size": size, "annotations": ann}
-
-
-def _appender(f: BinaryIO) -> Callable[[bytes], int]:
-    """Writes at the end of a file that is also read at random (the chunks hot frames are
-    packed from)."""
-    def write(data: bytes) -> int:
-        f.seek(0, os.SEEK_END)
-        return f.write(data)
-
-    return write
 
 
 def _platform_manifest(store: st.ImageStore, ref: str) -> st.Manifest:

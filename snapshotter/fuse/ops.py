@@ -43,6 +43,7 @@ class Operations(pyfuse3.Operations):
         self.layers = layers
         self.reader = reader
         self._limiter = trio.CapacityLimiter(64)
+        self.readlinks = 0  # the kernel caches targets when asked (kernelcaps): few reach us
 
     # -- helpers ---------------------------------------------------------------
     def _layer(self, ino: int) -> tuple[Layer, int]:
@@ -115,6 +116,7 @@ class Operations(pyfuse3.Operations):
         return self._attr(layer, local)
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        self.readlinks += 1
         layer, local = self._layer(inode)
         e = layer.tree.entry(local)
         if e is None or e.type != toc_pb2.SYMLINK:

@@ -35,7 +35,7 @@ from chunkstore import format as fmt
 from chunkstore.cache import ChunkCache
 from chunkstore.digest import Digest
 from chunkstore.fetch import Fetcher, RangeSource
-from snapshotter.fuse import protocol
+from snapshotter.fuse import kernelcaps, protocol
 from snapshotter.fuse.layers import FileSource, Layer, LayerSet, join_ino
 from snapshotter.fuse.ops import Operations
 from snapshotter.fuse.pagecache import PageCache, set_page_readahead
@@ -260,6 +260,7 @@ class Server:
     def op_stats(self, req: dict[str, Any]) -> dict[str, Any]:
         f, c = self.fetcher.stats, self.cache.stats()
         return {"fetch": dataclasses.asdict(f), "cache": dataclasses.asdict(c),
+                "kernel": kernelcaps.status(), "readlinks": self.ops.readlinks,
                 "pid": os.getpid()}
 
     def op_prune(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -288,7 +289,8 @@ class Server:
             return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
 
 
-async def _serve_control(server: Server, path: str) -> None:
+async def _serve_control(server: Server, path: str,
+                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     if os.path.exists(path):
         os.unlink(path)
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
@@ -296,6 +298,7 @@ async def _serve_control(server: Server, path: str) -> None:
     os.chmod(path, 0o600)
     sock.listen(16)
     listener = trio.SocketListener(sock)
+    task_status.started()  # "ready" is sent after this: the socket answers from then on
 
     async def client(stream: trio.SocketStream) -> None:
         # whatever happens to one client (a daemon killed mid-call hangs up before its
@@ -351,7 +354,7 @@ async def _keep_profiles(server: Server) -> None:
 async def _main(server: Server, control: str, ready_fd: int | None) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(pyfuse3.main)
-        nursery.start_soon(_serve_control, server, control)
+        await nursery.start(_serve_control, server, control)
         nursery.start_soon(_keep_profiles, server)
         if ready_fd is not None:
             os.write(ready_fd, b"ready\n")

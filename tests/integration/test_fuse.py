@@ -237,3 +237,87 @@ def test_a_client_that_hangs_up_before_its_reply_leaves_the_process_serving(
     time.sleep(0.5)
     assert proc.alive()
     assert (mnt / "lower/etc/passwd").read_bytes() == b"root:x:0:0\n"
+
+
+def test_the_kernel_caches_symlink_targets(fuse: tuple[FuseProcess, Path],
+                                           tmp_path: Path) -> None:
+    proc, mnt = fuse
+    _add(proc, tmp_path, "lower", 1, LOWER)
+    for _ in range(50):
+        assert os.readlink(mnt / "lower/bin/sh") == "big"
+    stats = proc.call("stats")
+    assert stats["kernel"] == {"loaded": True, "cache_symlinks": True}
+    assert stats["readlinks"] == 1  # the first; the kernel answered the other 49
+
+
+def _hot_layer(tmp: Path, name: str,
+               pages: list[tuple[bytes, int, int]]) -> tuple[Path, Path, str]:
+    """LOWER with hot frames for `pages` ((path, first page, pages)), as `zest optimize`
+    writes them."""
+    from chunkstore import hot
+    from chunkstore.toc import load_toc
+
+    blob, _, _ = _blob(tmp, name, LOWER)
+    data = blob.read_bytes()
+    footer = read_footer(lambda o, n: data[o : o + n], len(data))
+    toc = load_toc(lambda o, n: data[o : o + n], footer)
+    index = {e.name: k for k, e in enumerate(toc.entries)}
+    with open(blob, "r+b") as f:
+        new = hot.finish_blob(f, footer.toc_offset - 8, toc,
+                              [(index[p], first, n) for p, first, n in pages])
+    data = blob.read_bytes()
+    tocf = tmp / f"{name}.toc"
+    tocf.write_bytes(data[new.toc_offset : new.toc_offset + new.toc_size])
+    return blob, tocf, str(new.toc_digest)
+
+
+def _fuse_reads(proc: FuseProcess) -> float:
+    text = proc.call("metrics")["text"]
+    return float(next(line.split()[-1] for line in text.splitlines()
+                      if line.startswith("zest_fuse_read_seconds_count")))
+
+
+def _wait_prefetched(proc: FuseProcess, name: str) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        layer = next(x for x in proc.call("list")["layers"] if x["name"] == name)
+        if layer["prefetch_total"] and layer["prefetch_done"] >= layer["prefetch_total"]:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"prefetch of {name} did not finish")
+
+
+def test_hot_frames_go_into_the_page_cache_before_anything_reads(
+        fuse: tuple[FuseProcess, Path], tmp_path: Path) -> None:
+    proc, mnt = fuse
+    blob, toc, digest = _hot_layer(tmp_path, "hot", [(b"bin/big", 100, 3), (b"etc/passwd", 0, 1)])
+    proc.call("add", name="hot", slot=1, toc_path=str(toc), toc_digest=digest,
+              source={"kind": "file", "path": str(blob)}, what="test hot", prefetch=True)
+    _wait_prefetched(proc, "hot")
+    before = _fuse_reads(proc)
+    with open(mnt / "hot/bin/big", "rb") as f:
+        f.seek(100 * 4096)
+        assert f.read(3 * 4096) == BIG[100 * 4096 : 103 * 4096]
+    assert (mnt / "hot/etc/passwd").read_bytes() == b"root:x:0:0\n"
+    assert _fuse_reads(proc) == before  # the kernel had the pages: no read reached us
+    with open(mnt / "hot/bin/big", "rb") as f:  # pages nobody recorded still come from chunks
+        f.seek(2_000_000)
+        assert f.read(5000) == BIG[2_000_000:2_005_000]
+    assert _fuse_reads(proc) > before
+
+
+def test_a_corrupt_hot_frame_is_never_served_and_its_chunks_are(
+        fuse: tuple[FuseProcess, Path], tmp_path: Path) -> None:
+    from chunkstore import format as fmt
+
+    proc, mnt = fuse
+    blob, toc, digest = _hot_layer(tmp_path, "bad", [(b"bin/big", 0, 40)])
+    frame = fmt.decode_toc(toc.read_bytes()).hot_frames[0]
+    data = bytearray(blob.read_bytes())
+    data[frame.blob_offset + frame.compressed_size // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    proc.call("add", name="bad", slot=1, toc_path=str(toc), toc_digest=digest,
+              source={"kind": "file", "path": str(blob)}, what="test bad", prefetch=False)
+    with open(mnt / "bad/bin/big", "rb") as f:
+        assert f.read(40 * 4096) == BIG[: 40 * 4096]
+    assert proc.call("stats")["fetch"]["verify_failures"] >= 1  # the hot frame was refused
