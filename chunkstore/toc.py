@@ -41,7 +41,9 @@ class TocSummary:
     tar_size: int
     file_bytes: int
     prefetch: int  # chunks in the prefetch list
-    prefetch_bytes: int  # their compressed size: what a node fetches before anything else
+    prefetch_bytes: int  # their compressed size
+    hot_frames: int  # recorded pages packed by `zest optimize` (chunkstore/hot.py)
+    hot_bytes: int  # their compressed size: with hot frames, what a node fetches first
 
 
 def summarize(toc: toc_pb2.TOC) -> TocSummary:
@@ -54,7 +56,8 @@ def summarize(toc: toc_pb2.TOC) -> TocSummary:
         digests.update(c.digest for c in e.chunks)
         sizes.update((c.blob_offset, c.compressed_size) for c in e.chunks)
     return TocSummary(len(toc.entries), chunks, len(digests), toc.tar_size, file_bytes,
-                      len(toc.prefetch), sum(sizes.get(o, 0) for o in set(toc.prefetch)))
+                      len(toc.prefetch), sum(sizes.get(o, 0) for o in set(toc.prefetch)),
+                      len(toc.hot_frames), sum(h.compressed_size for h in toc.hot_frames))
 
 
 def check_chunk_table(toc: toc_pb2.TOC, blob_size: int) -> None:
@@ -69,3 +72,6 @@ def check_chunk_table(toc: toc_pb2.TOC, blob_size: int) -> None:
             pos += c.size
         if e.chunks and pos != e.size:
             raise FormatError(f"TOC entry {e.name!r}: chunks cover {pos} of {e.size} bytes")
+    for h in toc.hot_frames:
+        if h.blob_offset + h.compressed_size > blob_size or len(h.digest) != 32:
+            raise FormatError("TOC hot frame lies past the end of the blob or has a bad digest")

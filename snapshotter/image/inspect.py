@@ -10,6 +10,7 @@ from typing import Any
 from chunkstore import format as fmt
 from chunkstore import toc as tocmod
 from chunkstore.errors import ChunkstoreError
+from chunkstore.hot import HotIndex
 from snapshotter.image import store as st
 
 
@@ -26,6 +27,8 @@ class LayerReport:
     distinct_chunks: int | None = None
     prefetch: int | None = None
     prefetch_bytes: int | None = None
+    hot_frames: int | None = None
+    hot_bytes: int | None = None
     toc_verified: bool | None = None
     error: str | None = None
 
@@ -64,6 +67,7 @@ def inspect_layer(store: st.ImageStore, index: int, desc: dict[str, Any]) -> Lay
             raise ChunkstoreError("footer at the end of the blob disagrees with the annotations")
         toc = tocmod.load_toc(read, footer)
         tocmod.check_chunk_table(toc, size)
+        HotIndex(toc)  # hot runs inside their frames and files
     except (ChunkstoreError, OSError) as exc:
         rep.toc_verified, rep.error = False, str(exc)
         return rep
@@ -71,6 +75,7 @@ def inspect_layer(store: st.ImageStore, index: int, desc: dict[str, Any]) -> Lay
     rep.uncompressed_size, rep.entries, rep.chunks = s.tar_size, s.entries, s.chunks
     rep.distinct_chunks, rep.toc_verified = s.distinct_chunks, True
     rep.prefetch, rep.prefetch_bytes = s.prefetch, s.prefetch_bytes
+    rep.hot_frames, rep.hot_bytes = s.hot_frames, s.hot_bytes
     return rep
 
 
@@ -113,14 +118,16 @@ def run_inspect(args: argparse.Namespace) -> int:
         for name, reports in result:
             print(f"manifest {name}")
             print(f"  {'#':>2} {'format':<8} {'compressed':>11} {'uncompressed':>12} "
-                  f"{'entries':>8} {'chunks':>7} {'distinct':>8} {'prefetch':>9}  toc   digest")
+                  f"{'entries':>8} {'chunks':>7} {'distinct':>8} {'prefetch':>9} {'hot':>8}  toc   "
+                  "digest")
             for r in reports:
                 toc = {True: "ok", False: "BAD", None: "-"}[r.toc_verified]
                 print(f"  {r.index:>2} {r.format:<8} {_mb(r.compressed_size):>11} "
                       f"{_mb(r.uncompressed_size):>12} {r.entries or '-':>8} "
                       f"{r.chunks if r.chunks is not None else '-':>7} "
                       f"{r.distinct_chunks if r.distinct_chunks is not None else '-':>8} "
-                      f"{_mb(r.prefetch_bytes) if r.prefetch else '-':>9}  "
+                      f"{_mb(r.prefetch_bytes) if r.prefetch else '-':>9} "
+                      f"{_mb(r.hot_bytes) if r.hot_frames else '-':>8}  "
                       f"{toc:<5} {r.digest[:19]}")
                 if r.error:
                     print(f"     error: {r.error}")
