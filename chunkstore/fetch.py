@@ -19,10 +19,10 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import BinaryIO, Protocol, runtime_checkable
 
 import zstandard
 
@@ -44,6 +44,14 @@ class MultiRangeSource(RangeSource, Protocol):
     """A blob that can return several (offset, length) ranges for one request."""
 
     def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]: ...
+
+
+@runtime_checkable
+class StreamingSource(RangeSource, Protocol):
+    """A blob whose range can be read as a stream: the first bytes are usable while the
+    rest is on its way."""
+
+    def open_range(self, offset: int, length: int) -> BinaryIO: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,20 +200,7 @@ class Fetcher:
 
     def _fetch(self, source: RangeSource, refs: list[ChunkRef], what: str,
                demand: bool) -> dict[bytes, bytes]:
-        owned: list[ChunkRef] = []
-        owned_digests: set[bytes] = set()
-        waiting: dict[bytes, Future[bytes]] = {}
-        with self._lock:
-            for ref in refs:
-                if ref.digest in waiting or ref.digest in owned_digests:
-                    continue
-                fut = self._inflight.get(ref.digest)
-                if fut is None:
-                    self._inflight[ref.digest] = Future()
-                    owned.append(ref)
-                    owned_digests.add(ref.digest)
-                else:
-                    waiting[ref.digest] = fut
+        owned, waiting = self._claim(refs)
         out: dict[bytes, bytes] = {}
         try:
             groups = self._groups(sorted(owned, key=lambda r: r.blob_offset))
@@ -229,6 +224,80 @@ class Fetcher:
         for digest, fut in waiting.items():
             out[digest] = fut.result()
         return out
+
+    def stream(self, source: RangeSource, refs: Sequence[ChunkRef],
+               what: str = "") -> Iterator[tuple[ChunkRef, bytes]]:
+        """Each chunk's verified bytes, in blob order, as soon as they are in: one streamed
+        range request for those not here yet (a layer's hot frames: neighbours, wanted in
+        this order), so the first are used while the rest are on their way. A read that
+        wants one meanwhile waits for the stream instead of fetching it again."""
+        refs = sorted(refs, key=lambda r: r.blob_offset)
+        if not isinstance(source, StreamingSource):
+            yield from zip(refs, self.get(source, refs, what, demand=False), strict=True)
+            return
+        missing = []
+        for ref in refs:
+            data = self._mem_get(ref.digest) or self.cache.get(Digest(ref.digest))
+            if data is None:
+                missing.append(ref)
+            else:
+                yield ref, data
+        if not missing:
+            return
+        owned, waiting = self._claim(missing)
+        left = {r.digest for r in owned}
+        try:
+            if owned:
+                start = owned[0].blob_offset
+                with source.open_range(start, owned[-1].end - start) as f:
+                    with self._lock:
+                        self.stats.requests += 1
+                    pos = start
+                    for ref in owned:
+                        _read_exact(f, ref.blob_offset - pos)  # a gap: frames not asked for
+                        frame = _read_exact(f, ref.compressed_size)
+                        pos = ref.end
+                        with self._lock:
+                            self.stats.bytes_fetched += ref.compressed_size
+                            self.stats.chunks_fetched += 1
+                        data = self._verified(source, ref, frame, what, False)
+                        left.discard(ref.digest)
+                        self._finish({ref.digest}, {ref.digest: data}, None)
+                        yield ref, data
+        except GeneratorExit:
+            raise
+        except BaseException as exc:
+            err = exc if isinstance(exc, ChunkUnavailable) else ChunkUnavailable(
+                f"{what}: streaming chunks failed: {exc}")
+            self._finish(left, None, err)
+            left = set()
+            if err is exc:
+                raise
+            raise err from exc
+        finally:  # the caller stopped early: whoever waits on the rest must not wait forever
+            self._finish(left, None, ChunkUnavailable(f"{what}: stream abandoned"))
+        by_digest = {r.digest: r for r in missing}
+        for digest, fut in waiting.items():
+            yield by_digest[digest], fut.result()
+
+    def _claim(self, refs: Sequence[ChunkRef]) -> tuple[list[ChunkRef], dict[bytes, Future[bytes]]]:
+        """Which chunks this caller fetches (now marked in flight), and the futures of those
+        another caller is fetching already."""
+        owned: list[ChunkRef] = []
+        owned_digests: set[bytes] = set()
+        waiting: dict[bytes, Future[bytes]] = {}
+        with self._lock:
+            for ref in refs:
+                if ref.digest in waiting or ref.digest in owned_digests:
+                    continue
+                fut = self._inflight.get(ref.digest)
+                if fut is None:
+                    self._inflight[ref.digest] = Future()
+                    owned.append(ref)
+                    owned_digests.add(ref.digest)
+                else:
+                    waiting[ref.digest] = fut
+        return owned, waiting
 
     def _finish(self, digests: set[bytes], data: dict[bytes, bytes] | None,
                 err: BaseException | None) -> None:
@@ -261,30 +330,35 @@ class Fetcher:
         start = group[0].blob_offset
         out: dict[bytes, bytes] = {}
         for ref in group:
-            frame = blob[ref.blob_offset - start : ref.end - start]
-            data = self._decode(ref, frame)
-            if data is None:
-                self.stats.verify_failures += 1
-                log.warning("chunk failed verification; fetching it again",
-                            extra={"kv": {"what": what, "chunk": Digest(ref.digest)}})
-                data = self._decode(ref, self._read(source, ref.blob_offset,
-                                                    ref.compressed_size))
-                if data is None:
-                    self.stats.verify_failures += 1
-                    msg = (f"{what}: chunk {Digest(ref.digest)} at blob offset "
-                           f"{ref.blob_offset} does not match its digest after a second "
-                           "fetch; the registry serves corrupt data")
-                    log.error("chunk verification failed", extra={"kv": {
-                        "what": what, "chunk": Digest(ref.digest), "offset": ref.blob_offset}})
-                    raise ChunkUnavailable(msg)
-            self.cache.put(Digest(ref.digest), data)
-            if demand:
-                self._mem_put(ref.digest, data)
+            data = self._verified(source, ref, blob[ref.blob_offset - start : ref.end - start],
+                                  what, demand)
             out[ref.digest] = data
             self._finish({ref.digest}, out, None)
         with self._lock:
             self.stats.chunks_fetched += len(group)
         return out
+
+    def _verified(self, source: RangeSource, ref: ChunkRef, frame: bytes, what: str,
+                  demand: bool) -> bytes:
+        """The chunk's bytes from its frame, verified (else fetched once more) and cached."""
+        data = self._decode(ref, frame)
+        if data is None:
+            self.stats.verify_failures += 1
+            log.warning("chunk failed verification; fetching it again",
+                        extra={"kv": {"what": what, "chunk": Digest(ref.digest)}})
+            data = self._decode(ref, self._read(source, ref.blob_offset, ref.compressed_size))
+            if data is None:
+                self.stats.verify_failures += 1
+                msg = (f"{what}: chunk {Digest(ref.digest)} at blob offset "
+                       f"{ref.blob_offset} does not match its digest after a second "
+                       "fetch; the registry serves corrupt data")
+                log.error("chunk verification failed", extra={"kv": {
+                    "what": what, "chunk": Digest(ref.digest), "offset": ref.blob_offset}})
+                raise ChunkUnavailable(msg)
+        self.cache.put(Digest(ref.digest), data)
+        if demand:
+            self._mem_put(ref.digest, data)
+        return data
 
     def _read(self, source: RangeSource, offset: int, length: int) -> bytes:
         data = source.read_range(offset, length)
@@ -319,3 +393,10 @@ class Fetcher:
         if len(data) != ref.size or hashlib.sha256(data).digest() != ref.digest:
             return None
         return data
+
+
+def _read_exact(f: BinaryIO, n: int) -> bytes:
+    data = f.read(n) if n else b""
+    if len(data) != n:
+        raise ChunkUnavailable(f"stream ended early: {len(data)} of {n} bytes")
+    return data

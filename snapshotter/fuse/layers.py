@@ -12,6 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from chunkstore.fetch import RangeSource
 from chunkstore.hot import PAGE
@@ -42,6 +43,11 @@ class FileSource:
         with open(self.path, "rb") as f:
             f.seek(offset)
             return f.read(length)
+
+    def open_range(self, offset: int, length: int) -> BinaryIO:
+        f = open(self.path, "rb")  # noqa: SIM115 -- the caller closes it
+        f.seek(offset)
+        return f
 
 
 @dataclass

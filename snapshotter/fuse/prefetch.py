@@ -163,11 +163,17 @@ class Prefetcher:
 
         threading.Thread(target=run, name="prefetch-predicted", daemon=True).start()
 
-    def warm(self, source: RangeSource, refs: list[ChunkRef], what: str) -> None:
-        """Fetch a layer's prefetch list before the layer is served (containerd has not asked
-        for it yet): the chunks land in the cache, where the layer's own prefetch finds them."""
+    def warm(self, source: RangeSource, refs: list[ChunkRef], what: str,
+             stream: bool = False) -> None:
+        """Fetch a layer's hot frames (`stream`) or prefetch list before the layer is served
+        (containerd has not asked for it yet): they land in the cache, where the layer's own
+        prefetch finds them."""
         def run() -> None:
             try:
+                if stream:
+                    for _ in self.fetcher.stream(source, refs, f"{what} (hot)"):
+                        pass
+                    return
                 todo = [r for r in refs if not self.fetcher.is_cached(r)]
                 jobs = [self._pool.submit(rank, self.fetcher.get, source, batch,
                                           f"{what} (prefetch)", demand=False)
@@ -222,26 +228,18 @@ class Prefetcher:
             f.result()
 
     def _fetch_hot(self, layer: Layer, refs: list[ChunkRef]) -> None:
-        """The hot frames, in parallel requests like the prefetch list; each one's pages go
-        into the page cache as soon as it is here (cached frames too: the pages may not be)."""
+        """The hot frames; each one's pages go into the page cache as soon as it is here
+        (cached frames too: the pages may not be)."""
         if not refs:
             return
         index = {r.blob_offset: i for i, r in enumerate(refs)}
-
-        def fetch(batch: list[ChunkRef]) -> None:
-            datas = self.fetcher.get(layer.source, batch, f"{layer.what} (hot)", demand=False)
-            layer.prefetch_done += len(batch)
-            if self.pages is not None:
-                for ref, data in zip(batch, datas, strict=True):
-                    self.pages.push(layer, index[ref.blob_offset], data)
-
         if self.pages is not None:
             self.pages.begin()
-        try:
-            futures = [self._pool.submit(rank, fetch, batch)
-                       for rank, batch in self._requests(layer.source, refs)]
-            for f in futures:
-                f.result()
+        try:  # one stream, in first-touch order: each frame is used the moment it is in
+            for ref, data in self.fetcher.stream(layer.source, refs, f"{layer.what} (hot)"):
+                layer.prefetch_done += 1
+                if self.pages is not None:
+                    self.pages.push(layer, index[ref.blob_offset], data)
         finally:
             if self.pages is not None:
                 self.pages.end()

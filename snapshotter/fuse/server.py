@@ -26,7 +26,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pyfuse3
 import trio
@@ -61,6 +61,9 @@ class _RegistryBlob:
 
     def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         return self.client.read_ranges(self.repo, self.digest, ranges)
+
+    def open_range(self, offset: int, length: int) -> BinaryIO:
+        return self.client.open_range(self.repo, self.digest, offset, length)
 
     @property
     def multirange(self) -> bool | None:
@@ -121,11 +124,12 @@ class Server:
         """Start fetching the prefetch list of a layer that containerd will ask for next."""
         tree = self._tree(req["toc_path"], req["toc_digest"], keep=True)
         offsets = list(tree.toc.prefetch) or [int(x) for x in req.get("profile") or []]
-        refs = [tree.hot_ref(i) for i in range(len(tree.hot.frames))] or [
-            r for r in map(tree.chunk_at, offsets) if r is not None]
+        hot = [tree.hot_ref(i) for i in range(len(tree.hot.frames))]
+        refs = hot or [r for r in map(tree.chunk_at, offsets) if r is not None]
         if not refs:
             return {"chunks": 0}
-        self.prefetcher.warm(self._source(req["source"]), refs, str(req.get("what", "")))
+        self.prefetcher.warm(self._source(req["source"]), refs, str(req.get("what", "")),
+                             stream=bool(hot))
         return {"chunks": len(refs)}
 
     def op_add(self, req: dict[str, Any]) -> dict[str, Any]:

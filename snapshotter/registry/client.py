@@ -272,6 +272,24 @@ class RegistryClient:
 
         return io.BufferedReader(_BlobStream(open_at, self.retry_policy, str(target)), CHUNK_SIZE)
 
+    def open_range(self, repo: str, digest: str, offset: int, length: int) -> BinaryIO:
+        """Stream `length` bytes of a blob from `offset` by one range request (resumed where a
+        lost connection broke it off): the first bytes can be used while the rest arrive."""
+        Digest.parse(digest)
+        if offset < 0 or length <= 0:
+            raise ValueError(f"bad range offset={offset} length={length}")
+        target = _Target("blob", self.host, repo, digest)
+        url = f"/v2/{repo}/blobs/{digest}"
+        last = offset + length - 1
+
+        def open_at(pos: int) -> httpx.Response:
+            headers = {**_IDENTITY, "Range": f"bytes={offset + pos}-{last}"}
+            response = self._send(target, "GET", url, headers=headers, stream=True, ok=(206,))
+            _check_content_range(response, offset + pos, target, length - pos)
+            return response
+
+        return io.BufferedReader(_BlobStream(open_at, self.retry_policy, str(target)), CHUNK_SIZE)
+
     def read_range(self, repo: str, digest: str, offset: int, length: int) -> bytes:
         """Exactly `length` bytes of a blob from `offset`, by one HTTP range request."""
         Digest.parse(digest)

@@ -120,6 +120,11 @@ def test_range_reads(client: RegistryClient, blob: tuple[bytes, str]) -> None:
     assert client.read_range("app/range", digest, 10, 0) == b""
     with pytest.raises(RegistryError, match="past the end of the blob"):
         client.read_range("app/range", digest, len(data) - 7, 8)
+    with client.open_range("app/range", digest, 12345, 200_000) as f:  # streamed, in pieces
+        assert f.read(1000) == data[12345:13345]
+        assert f.read() == data[13345:212345]
+    with pytest.raises(RegistryError, match="past the end of the blob"):
+        client.open_range("app/range", digest, len(data) - 7, 8)
 
 
 def test_multi_range_reads_from_the_real_registry(

@@ -179,3 +179,72 @@ def test_read_local_joins_parts_and_never_fetches(tmp_path: Path) -> None:
     assert f.read_local(refs[:3], 1500, 100) == whole[1500:1600]
     assert f.read_local(refs[:4], 0, len(whole) + 1) is None  # the fourth is not here
     assert len(src.requests) == 1
+
+
+class StreamBlob(Blob):
+    """A Blob that also streams a range, and can stall after some bytes until released."""
+
+    def __init__(self, data: bytes):
+        super().__init__(data)
+        self.streams: list[tuple[int, int]] = []
+        self.stall_after: int | None = None
+        self.release = threading.Event()
+
+    def open_range(self, offset: int, length: int) -> io.BufferedIOBase:
+        self.streams.append((offset, length))
+        blob = self
+
+        class Body(io.BufferedIOBase):
+            pos = 0
+
+            def read(self, n: int | None = -1) -> bytes:
+                n = length - self.pos if n is None or n < 0 else min(n, length - self.pos)
+                if blob.stall_after is not None and self.pos + n > blob.stall_after:
+                    blob.release.wait(10)
+                out = blob.data[offset + self.pos : offset + self.pos + n]
+                self.pos += n
+                return out
+
+        return Body()
+
+
+def test_stream_hands_out_each_chunk_as_it_arrives_and_reads_join_it(tmp_path: Path) -> None:
+    blob, refs, content = _layer()
+    src = StreamBlob(blob.data)
+    f = Fetcher(ChunkCache(tmp_path, 10**7))
+    f.get(src, [refs[0]])  # one already here: not asked for again
+    src.stall_after = refs[6].blob_offset - refs[1].blob_offset  # the stream stops before 6
+    it = f.stream(src, list(reversed(refs)))
+    got = [next(it) for _ in range(6)]  # refs 0..5 are out while the rest still hangs
+    assert [r for r, _ in got] == refs[:6]
+    assert all(data == content[r.digest] for r, data in got)
+    assert src.streams == [(refs[1].blob_offset, refs[-1].end - refs[1].blob_offset)]
+    joined: list[bytes] = []
+    t = threading.Thread(target=lambda: joined.extend(f.get(src, [refs[8]])))
+    t.start()  # a read of a chunk the stream owns waits for the stream
+    time.sleep(0.1)
+    assert joined == []
+    src.release.set()
+    rest = list(it)
+    t.join(5)
+    assert [r for r, _ in rest] == refs[6:]
+    assert joined == [content[refs[8].digest]]
+    assert src.requests == [(refs[0].blob_offset, refs[0].compressed_size)]  # no other fetch
+
+
+@pytest.mark.allow_log_errors
+def test_stream_verifies_and_a_stream_left_early_releases_its_chunks(tmp_path: Path) -> None:
+    blob, refs, content = _layer()
+    data = bytearray(blob.data)
+    data[refs[2].blob_offset + refs[2].compressed_size // 2] ^= 0xFF  # corrupt in the stream
+    src = StreamBlob(bytes(data))
+    f = Fetcher(ChunkCache(tmp_path, 10**7))
+    with pytest.raises(ChunkUnavailable):  # fetched once more on its own: still corrupt
+        list(f.stream(src, refs))
+    assert f.stats.verify_failures == 2
+    src2 = StreamBlob(blob.data)
+    f2 = Fetcher(ChunkCache(tmp_path / "2", 10**7))
+    it = f2.stream(src2, refs)
+    next(it)
+    it.close()  # the consumer stopped: the chunks it claimed can be fetched by a read
+    assert f2.get(src2, [refs[5]]) == [content[refs[5].digest]]
