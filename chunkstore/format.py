@@ -32,6 +32,7 @@ FORMAT_VERSION = 1
 TOC_VERSION = 1
 
 ZSTD_FRAME_MAGIC = 0xFD2FB528
+SKIPPABLE_HOT = 0x184D2A5C  # hot frames (chunkstore/hot.py)
 SKIPPABLE_TOC = 0x184D2A5D
 SKIPPABLE_FOOTER = 0x184D2A5E
 _SKIPPABLE_HEADER = struct.Struct("<II")  # magic, payload size
@@ -82,6 +83,11 @@ class Footer:
         if toc_size > MAX_TOC_SIZE:
             raise FormatError(f"TOC of {toc_size} bytes exceeds the {MAX_TOC_SIZE} byte limit")
         return cls(offset, toc_size, Digest(digest), version)
+
+
+def hot_frame_header(payload_size: int) -> bytes:
+    """The 8 bytes that precede a hot frame's zstd frame in the blob."""
+    return _SKIPPABLE_HEADER.pack(SKIPPABLE_HOT, payload_size)
 
 
 def toc_frame_header(payload_size: int) -> bytes:
