@@ -201,3 +201,48 @@ def test_prefetched_chunks_skip_the_memory_tier(tmp_path: Path) -> None:
     assert fetcher._memory_total == 0  # on disk only
     fetcher.get(src, refs[2:3])
     assert fetcher._memory_total == refs[2].size
+
+
+def test_recording_keeps_pages_in_first_touch_order_and_only_while_recording(
+        tmp_path: Path) -> None:
+    layer, _ = _layer(tmp_path)
+    f = Fetcher(ChunkCache(tmp_path / "c", 1 << 30))
+    r = Reader(f)
+    big = _ino(layer, b"big")
+    entry = layer.tree.nodes[big].entry
+    r.read(layer, big, 0, 4096)
+    assert layer.pages == []  # not recording: nothing kept
+    layer.recording = True
+    for off, size in [(8192, 8192), (0, 100), (4096, 4096), (1 << 20, 5000), (8192, 10)]:
+        r.read(layer, big, off, size)
+    assert layer.page_runs() == [(entry, 2, 2), (entry, 0, 2), (entry, 256, 2)]
+
+
+def test_hot_frames_are_streamed_first_and_serve_the_reads_they_cover(tmp_path: Path) -> None:
+    from chunkstore import hot
+    from chunkstore.toc import load_toc, read_footer
+    from snapshotter.fuse.layers import FileSource
+
+    layer, src = _layer(tmp_path)
+    data = bytearray(src.data)
+    toc = layer.tree.toc
+    big = _ino(layer, b"big")
+    entry = layer.tree.nodes[big].entry
+    footer = read_footer(lambda o, n: bytes(data[o:o + n]), len(data))
+    buf = io.BytesIO(bytes(data))
+    new = hot.finish_blob(buf, footer.toc_offset - 8, toc, [(entry, 10, 300)])
+    blob = tmp_path / "hot.blob"
+    blob.write_bytes(buf.getvalue())
+    toc2 = load_toc(lambda o, n: buf.getvalue()[o:o + n], new)
+    hot_layer = Layer(name="2", slot=2, tree=LayerTree(toc2), source=FileSource(blob),
+                      what="hot layer")
+    f = Fetcher(ChunkCache(tmp_path / "c", 1 << 30))
+    p = Prefetcher(f, background=False)
+    p.start(hot_layer)
+    _wait(lambda: hot_layer.prefetch_done == hot_layer.prefetch_total == len(toc2.hot_frames))
+    assert f.stats.requests == 1  # every hot frame in one streamed request; no chunk list
+    reader = Reader(f)
+    got = reader.read(hot_layer, big, 10 * 4096 + 5, 200 * 4096)
+    assert got == BIG[10 * 4096 + 5 : 210 * 4096 + 5]
+    assert f.stats.requests == 1  # served from the hot frames
+    p.shutdown()
