@@ -87,7 +87,6 @@ class Layer:
                 self.touched.append(off)
                 self.last_touch = time.monotonic()
 
-
     def touch_pages(self, entry: int, offset: int, end: int) -> None:
         for page in range(offset // PAGE, (end + PAGE - 1) // PAGE):
             key = (entry, page)

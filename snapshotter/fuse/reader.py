@@ -55,9 +55,14 @@ class Reader:
         _, first, refs, end = span
         out = self.fetcher.read_local(refs, offset - first, end - offset)
         if out is None and (hot := self._hot(layer, local, offset, end)):
-            parts = [self.fetcher.read_local([ref], at, n) for ref, at, n in hot]
-            out = None if any(p is None for p in parts) else b"".join(
-                p for p in parts if p is not None)
+            parts = []
+            for ref, at, n in hot:
+                part = self.fetcher.read_local([ref], at, n)
+                if part is None:
+                    break
+                parts.append(part)
+            else:
+                out = b"".join(parts)
         if out is not None:
             READ_LATENCY.observe(time.monotonic() - started)
         return out
