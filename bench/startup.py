@@ -85,7 +85,7 @@ class _Counter:
         self.bytes = self.requests = 0
 
     def __call__(self) -> None:
-        self.bytes, self.requests = self.link.bytes_sent, len(self.link.requests)
+        self.bytes, self.requests = self.link.bytes_sent, self.link.started
 
 
 def _ctr(ctrd: Containerd) -> list[str]:

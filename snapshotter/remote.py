@@ -20,6 +20,7 @@ import logging
 import os
 import subprocess
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -48,6 +49,7 @@ STATE_FILE = "remote.json"
 class NotServable(Exception):
     """The daemon cannot serve this layer; containerd's ordinary path takes it."""
 
+_RESOLVED_SECONDS = 30.0  # how long a tag's resolution serves the image's later layers
 
 def _write_atomic(path: Path, data: bytes, sync: bool = True) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -106,6 +108,9 @@ class RemoteLayers:
         self._clients: dict[str, RegistryClient] = {}
         self._manifests: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._profiles: dict[str, Profile | None] = {}
+        # tag -> manifest digest, as resolved for the image's earlier layers: containerd asks
+        # for an image's layers one by one, and each would resolve the tag again (a round trip)
+        self._resolved: dict[tuple[str, str, str], tuple[float, str]] = {}
         self._toc_jobs: dict[str, Future[None]] = {}  # by TOC digest hex, while in flight
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="zest-remote")
         self._lock = threading.Lock()
@@ -178,7 +183,23 @@ class RemoteLayers:
     def _find_manifest(self, client: RegistryClient, repo: str, reference: str,
                        layer_digest: str) -> str:
         """The digest of the manifest holding layer_digest, for labels that name only the
-        image (ctr-remote): the image's manifest, or in an index the first that has it."""
+        image (ctr-remote): the image's manifest, or in an index the first that has it. A
+        resolution made for this image in the last few seconds is used again while the
+        manifest it gave holds the layer: the layer is then the same bytes either way."""
+        key = (client.host, repo, reference)
+        with self._lock:
+            when, digest = self._resolved.get(key, (0.0, ""))
+            known = self._manifests.get(digest)
+        if (known is not None and time.monotonic() - when < _RESOLVED_SECONDS
+                and any(x["digest"] == layer_digest for x in known.get("layers") or [])):
+            return digest
+        digest = self._resolve(client, repo, reference, layer_digest)
+        with self._lock:
+            self._resolved[key] = (time.monotonic(), digest)
+        return digest
+
+    def _resolve(self, client: RegistryClient, repo: str, reference: str,
+                 layer_digest: str) -> str:
         top = client.get_manifest(repo, reference)
         if top.media_type in st.MANIFEST_TYPES:
             self._remember(top.digest, json.loads(top.data))  # saves fetching it again
@@ -187,6 +208,7 @@ class RemoteLayers:
             child = client.get_manifest(repo, d["digest"])
             if child.media_type in st.MANIFEST_TYPES and any(
                     x["digest"] == layer_digest for x in json.loads(child.data)["layers"]):
+                self._remember(child.digest, json.loads(child.data))
                 return child.digest
         raise NotServable(f"no manifest of {repo}:{reference} has layer {layer_digest}")
 
@@ -319,6 +341,8 @@ class RemoteLayers:
                 ahead.result()
         if not toc_file.exists():
             self._fetch_toc(client, repo, desc, footer)
+            if self.prefetch:  # its hot frames start now, not after the mount
+                self._warm(host, repo, desc, footer, None, what)
         sid = int(mountpoint.parent.name)
         return {"kind": "lazy", "name": str(sid), "slot": sid, "toc_path": str(toc_file),
                 "toc_digest": str(footer.toc_digest), "what": what,

@@ -60,7 +60,11 @@ class LinkProxy:
         self.upstream = upstream
         self.rtt = rtt_ms / 1000
         self.bucket = _Bucket(mbit * 1e6 / 8)
-        self.requests: list[Request] = []
+        self.requests: list[Request] = []  # finished ones
+        # what crossed so far, responses still streaming included (a run can end before a
+        # long streamed response does)
+        self.started = 0
+        self._sent = 0
         # fault injection: the next `corrupt_ranges` responses to Range requests get a byte
         # flipped in every 4 KiB of their body, the first one included (a broken middlebox,
         # a bad disk on the registry)
@@ -76,12 +80,19 @@ class LinkProxy:
 
     @property
     def bytes_sent(self) -> int:
+        """Response bytes sent since the last reset, of finished and unfinished requests."""
         with self._lock:
-            return sum(r.bytes for r in self.requests)
+            return self._sent
 
     def reset(self) -> None:
         with self._lock:
             self.requests.clear()
+            self.started = self._sent = 0
+
+    def count(self, sent: int = 0, started: bool = False) -> None:
+        with self._lock:
+            self._sent += sent
+            self.started += started
 
     def take_corruption(self) -> bool:
         with self._lock:
@@ -124,6 +135,7 @@ def _handler(proxy: LinkProxy) -> type[BaseHTTPRequestHandler]:
 
         def _forward(self) -> None:
             started = time.monotonic()
+            proxy.count(started=True)
             if proxy.rtt:
                 time.sleep(proxy.rtt)
             length = int(self.headers.get("Content-Length") or 0)
@@ -163,6 +175,7 @@ def _handler(proxy: LinkProxy) -> type[BaseHTTPRequestHandler]:
                         proxy.bucket.take(len(piece))
                         self.wfile.write(piece)
                         sent += len(piece)
+                        proxy.count(len(piece))
                 proxy.record(Request(self.command, self.path, self.headers.get("Range"),
                                      resp.status, sent, started, time.monotonic()))
             finally:
