@@ -75,24 +75,39 @@ class Layer:
     pages: list[tuple[int, int]] = field(default_factory=list)
     pages_set: set[tuple[int, int]] = field(default_factory=set)
     kernel_knows: set[int] = field(default_factory=set)  # local inodes looked up for stores
+    # reads record from the FUSE loop and from worker threads at once
+    _record_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def prefetch_list(self) -> list[int]:
         return list(self.tree.toc.prefetch) or self.prefetch_override
 
     def touch(self, offsets: list[int]) -> None:
-        for off in offsets:
-            if off not in self.touched_set and len(self.touched) < _MAX_PROFILE:
-                self.touched_set.add(off)
-                self.touched.append(off)
-                self.last_touch = time.monotonic()
+        if all(off in self.touched_set for off in offsets):
+            return  # the common case: a membership test needs no lock
+        with self._record_lock:
+            for off in offsets:
+                if off not in self.touched_set and len(self.touched) < _MAX_PROFILE:
+                    self.touched_set.add(off)
+                    self.touched.append(off)
+                    self.last_touch = time.monotonic()
+
+    def start_recording(self) -> None:
+        """Forget what was touched; record pages too from now on."""
+        with self._record_lock:
+            self.recording = True
+            self.touched.clear()
+            self.touched_set.clear()
+            self.pages.clear()
+            self.pages_set.clear()
 
     def touch_pages(self, entry: int, offset: int, end: int) -> None:
-        for page in range(offset // PAGE, (end + PAGE - 1) // PAGE):
-            key = (entry, page)
-            if key not in self.pages_set and len(self.pages) < _MAX_PAGES:
-                self.pages_set.add(key)
-                self.pages.append(key)
+        with self._record_lock:
+            for page in range(offset // PAGE, (end + PAGE - 1) // PAGE):
+                key = (entry, page)
+                if key not in self.pages_set and len(self.pages) < _MAX_PAGES:
+                    self.pages_set.add(key)
+                    self.pages.append(key)
 
     def page_runs(self) -> list[tuple[int, int, int]]:
         """The recorded pages as (entry, first page, pages), neighbours joined."""

@@ -264,11 +264,7 @@ class Server:
             self._recording = True
             self.pages.begin()
         for layer in layers:
-            layer.recording = True  # before the pages are dropped: no hot frame refills them
-            layer.touched.clear()
-            layer.touched_set.clear()
-            layer.pages.clear()
-            layer.pages_set.clear()
+            layer.start_recording()  # before the pages are dropped: no hot frame refills them
             for local, node in layer.tree.nodes.items():
                 if stat.S_ISREG(node.mode):
                     with contextlib.suppress(OSError):

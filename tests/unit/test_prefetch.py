@@ -246,3 +246,20 @@ def test_hot_frames_are_streamed_first_and_serve_the_reads_they_cover(tmp_path: 
     assert got == BIG[10 * 4096 + 5 : 210 * 4096 + 5]
     assert f.stats.requests == 1  # served from the hot frames
     p.shutdown()
+
+
+def test_pages_recorded_from_many_threads_are_kept_once(tmp_path: Path) -> None:
+    layer, _ = _layer(tmp_path)
+    layer.start_recording()
+
+    def record() -> None:
+        for page in range(3000):
+            layer.touch_pages(7, page * 4096, page * 4096 + 1)
+
+    threads = [threading.Thread(target=record) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(layer.pages) == len(set(layer.pages)) == 3000
+    assert layer.page_runs() == [(7, 0, 3000)]
