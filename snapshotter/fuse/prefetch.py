@@ -238,9 +238,9 @@ class Prefetcher:
             self.pages.begin()
         try:  # one stream, in first-touch order: each frame is used the moment it is in
             for ref, data in self.fetcher.stream(layer.source, refs, f"{layer.what} (hot)"):
-                layer.prefetch_done += 1
                 if self.pages is not None:
                     self.pages.push(layer, index[ref.blob_offset], data)
+                layer.prefetch_done += 1  # once its pages are in the page cache too
         finally:
             if self.pages is not None:
                 self.pages.end()
