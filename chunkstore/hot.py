@@ -25,6 +25,7 @@ from chunkstore import format as fmt
 from chunkstore._pb import toc_pb2
 from chunkstore.digest import Digest
 from chunkstore.errors import FormatError
+from chunkstore.fetch import ChunkRef
 
 PAGE = 4096
 HOT_FRAME_SIZE = 512 * 1024  # uncompressed; a frame is what a stalled read waits for
@@ -131,6 +132,12 @@ def write_hot(write: Callable[[bytes], object], blob_offset: int, toc: toc_pb2.T
     return written
 
 
+def frame_refs(toc: toc_pb2.TOC) -> list[ChunkRef]:
+    """The fetcher's handles on a layer's hot frames, in blob order: content-addressed like
+    chunks, so they are fetched, verified and cached as chunks are."""
+    return [ChunkRef(f.digest, f.blob_offset, f.compressed_size, f.size) for f in toc.hot_frames]
+
+
 @dataclass(frozen=True, slots=True)
 class Piece:
     frame: int  # index into the TOC's hot_frames
@@ -143,13 +150,13 @@ class HotIndex:
     offset. Answers whether a read is covered whole, and by which frame pieces."""
 
     def __init__(self, toc: toc_pb2.TOC):
-        self.frames = list(toc.hot_frames)
+        self.refs = frame_refs(toc)  # Piece.frame indexes these
         # (entry, file offset, length, frame offset) of the runs in each frame
-        self.by_frame: list[list[tuple[int, int, int, int]]] = [[] for _ in self.frames]
+        self.by_frame: list[list[tuple[int, int, int, int]]] = [[] for _ in self.refs]
         runs: dict[int, list[tuple[int, int, int, int]]] = {}
         for h in toc.hot:
-            if (h.frame >= len(self.frames) or h.entry >= len(toc.entries)
-                    or h.frame_offset + h.length > self.frames[h.frame].size
+            if (h.frame >= len(self.refs) or h.entry >= len(toc.entries)
+                    or h.frame_offset + h.length > self.refs[h.frame].size
                     or h.file_offset + h.length > toc.entries[h.entry].size):
                 raise FormatError(f"TOC hot run of entry {h.entry} lies outside its frame "
                                   "or its file")
@@ -164,7 +171,7 @@ class HotIndex:
             self._starts[entry] = [r[0] for r in rs]
 
     def __bool__(self) -> bool:
-        return bool(self.frames)
+        return bool(self.refs)
 
     def cover(self, entry: int, offset: int, end: int) -> list[Piece] | None:
         """The frame pieces that hold [offset, end) of an entry, or None unless they hold all."""

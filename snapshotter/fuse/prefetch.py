@@ -21,7 +21,6 @@ from typing import TypeVar
 from chunkstore.fetch import ChunkRef, Fetcher, MultiRangeSource, RangeSource
 from snapshotter.fuse.layers import Layer
 from snapshotter.fuse.pagecache import PageCache
-from snapshotter.fuse.tree import hot_refs
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -199,7 +198,7 @@ class Prefetcher:
         mounted = time.monotonic()
         try:
             tree = layer.tree
-            hot = hot_refs(tree.toc)
+            hot = tree.hot.refs
             # hot frames hold the recorded pages themselves: the chunk list would fetch them
             # again, with their neighbours, so it goes with the rest
             first = [] if hot else [

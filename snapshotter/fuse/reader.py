@@ -94,7 +94,7 @@ class Reader:
         pieces = tree.hot.cover(tree.nodes[local].entry, offset, end)
         if pieces is None:
             return None
-        return [(tree.hot_ref(p.frame), p.frame_offset, p.length) for p in pieces]
+        return [(tree.hot.refs[p.frame], p.frame_offset, p.length) for p in pieces]
 
     def read(self, layer: Layer, local: int, offset: int, size: int,
              record: bool = True) -> bytes:

@@ -36,6 +36,7 @@ from chunkstore._pb import toc_pb2
 from chunkstore.cache import ChunkCache
 from chunkstore.digest import Digest
 from chunkstore.fetch import Fetcher, RangeSource
+from chunkstore.hot import frame_refs
 from snapshotter.fuse import kernelcaps, protocol
 from snapshotter.fuse.layers import FileSource, Layer, LayerSet, join_ino
 from snapshotter.fuse.ops import Operations
@@ -43,7 +44,7 @@ from snapshotter.fuse.pagecache import PageCache, set_page_readahead
 from snapshotter.fuse.predict import MergedView, Predictor
 from snapshotter.fuse.prefetch import Prefetcher
 from snapshotter.fuse.reader import Reader
-from snapshotter.fuse.tree import LayerTree, chunk_ref, hot_refs
+from snapshotter.fuse.tree import LayerTree, chunk_ref
 from snapshotter.registry.client import RegistryClient, warm_up
 
 log = logging.getLogger("snapshotter.fuse.server")
@@ -134,7 +135,7 @@ class Server:
             tree = self._trees.get(req["toc_digest"])
         toc = tree.toc if tree is not None else self._toc(req["toc_path"], req["toc_digest"])
         source, what = self._source(req["source"]), str(req.get("what", ""))
-        hot = hot_refs(toc)
+        hot = frame_refs(toc)
         if hot:  # before the tree is built: the stream starts 20 ms sooner for a large layer
             self.prefetcher.warm(source, hot, what, stream=True)
         tree = self._tree(req["toc_path"], req["toc_digest"], keep=True, toc=toc)

@@ -41,12 +41,6 @@ def chunk_ref(c: toc_pb2.Chunk) -> ChunkRef:
     return ChunkRef(c.digest, c.blob_offset, c.compressed_size, c.size)
 
 
-def hot_refs(toc: toc_pb2.TOC) -> list[ChunkRef]:
-    """The fetcher's handles on a layer's hot frames, in blob order: content-addressed like
-    chunks."""
-    return [ChunkRef(f.digest, f.blob_offset, f.compressed_size, f.size) for f in toc.hot_frames]
-
-
 @dataclass(slots=True)
 class Node:
     entry: int  # index into toc.entries, or -1 for a directory the tar did not list
@@ -162,10 +156,6 @@ class LayerTree:
         """The inode that serves TOC entry `entry` (None if a later entry replaced it)."""
         node = self.nodes.get(entry + 2)
         return entry + 2 if node is not None and node.entry == entry else None
-
-    def hot_ref(self, frame: int) -> ChunkRef:
-        f = self.toc.hot_frames[frame]
-        return ChunkRef(f.digest, f.blob_offset, f.compressed_size, f.size)
 
     def entry(self, ino: int) -> toc_pb2.Entry | None:
         k = self.nodes[ino].entry
