@@ -36,6 +36,7 @@ SKIPPABLE_HOT = 0x184D2A5C  # hot frames (chunkstore/hot.py)
 SKIPPABLE_TOC = 0x184D2A5D
 SKIPPABLE_FOOTER = 0x184D2A5E
 _SKIPPABLE_HEADER = struct.Struct("<II")  # magic, payload size
+SKIPPABLE_HEADER_SIZE = _SKIPPABLE_HEADER.size  # what precedes a skippable frame's payload
 
 FOOTER_MAGIC = b"zest.toc"
 _FOOTER = struct.Struct("<8sIIQQ32s")

@@ -28,7 +28,6 @@ from typing import Any
 
 from chunkstore import format as fmt
 from chunkstore import hot
-from chunkstore._pb import toc_pb2
 from chunkstore.digest import Digest
 from snapshotter.fuse import protocol
 from snapshotter.image import store as st
@@ -85,17 +84,6 @@ def run_workload(address: str, namespace: str, ref: str, cmd: list[str], timeout
     return why
 
 
-def _read_toc(src: st.ImageStore, digest: str, footer: fmt.Footer) -> toc_pb2.TOC:
-    reader = getattr(src, "read_range", None)
-    if reader is not None:
-        payload = reader(digest, footer.toc_offset, footer.toc_size)
-    else:
-        with src.open_blob(digest) as f:
-            f.seek(footer.toc_offset)
-            payload = f.read(footer.toc_size)
-    return fmt.decode_toc(payload, footer.toc_digest)
-
-
 def rewrite_layer(src: st.ImageStore, dst: st.ImageStore, desc: dict[str, Any],
                   offsets: list[int], tmpdir: str | None,
                   pages: Sequence[tuple[int, int, int]] = ()) -> dict[str, Any]:
@@ -105,11 +93,12 @@ def rewrite_layer(src: st.ImageStore, dst: st.ImageStore, desc: dict[str, Any],
     if footer is None:
         return desc
     digest = desc["digest"]
-    toc = _read_toc(src, digest, footer)
-    # chunk frames are kept byte for byte; hot frames of an earlier optimize are not
-    frames_end = footer.toc_offset - 8  # a skippable frame's header is 8 bytes
-    if toc.hot_frames:
-        frames_end = min(frames_end, min(h.blob_offset for h in toc.hot_frames) - 8)
+    toc = fmt.decode_toc(st.read_blob_range(src, digest, footer.toc_offset, footer.toc_size),
+                         footer.toc_digest)
+    # chunk frames are kept byte for byte; hot frames of an earlier optimize are not, so
+    # the copy ends where the first of those, or else the TOC, begins
+    first_hot = min((h.blob_offset for h in toc.hot_frames), default=footer.toc_offset)
+    frames_end = min(first_hot, footer.toc_offset) - fmt.SKIPPABLE_HEADER_SIZE
     with src.open_blob(digest) as f, tempfile.TemporaryFile(dir=tmpdir) as tmp:
         left = frames_end
         while left:

@@ -33,16 +33,6 @@ class LayerReport:
     error: str | None = None
 
 
-def _read_range(store: st.ImageStore, digest: str, offset: int, length: int) -> bytes:
-    reader = getattr(store, "read_range", None)
-    if reader is not None:
-        data: bytes = reader(digest, offset, length)
-        return data
-    with store.open_blob(digest) as f:
-        f.seek(offset)
-        return f.read(length)
-
-
 def inspect_layer(store: st.ImageStore, index: int, desc: dict[str, Any]) -> LayerReport:
     digest, size = desc["digest"], int(desc["size"])
     rep = LayerReport(index, digest, desc.get("mediaType", ""), "", size)
@@ -60,7 +50,7 @@ def inspect_layer(store: st.ImageStore, index: int, desc: dict[str, Any]) -> Lay
     rep.format = f"zest v{footer.version}"
     try:
         def read(off: int, n: int) -> bytes:
-            return _read_range(store, digest, off, n)
+            return st.read_blob_range(store, digest, off, n)
 
         tail = tocmod.read_footer(read, size)
         if tail != footer:

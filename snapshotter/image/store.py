@@ -60,3 +60,15 @@ class ImageStore(Protocol):
     def close(self) -> None:
         """Finish (an archive is written here) and release connections."""
         ...
+
+
+def read_blob_range(store: ImageStore, digest: str, offset: int, length: int) -> bytes:
+    """`length` bytes of a blob from `offset`: one range request where the store does those
+    (a registry), else a seek into the blob's stream."""
+    reader = getattr(store, "read_range", None)
+    if reader is not None:
+        data: bytes = reader(digest, offset, length)
+        return data
+    with store.open_blob(digest) as f:
+        f.seek(offset)
+        return f.read(length)
