@@ -258,34 +258,30 @@ class RegistryClient:
         Redirects (e.g. to object storage) are followed without sending this
         registry's Authorization to the other host. The caller verifies the digest.
         """
-        Digest.parse(digest)
-        target = _Target("blob", self.host, repo, digest)
-        url = f"/v2/{repo}/blobs/{digest}"
-
-        def open_at(offset: int) -> httpx.Response:
-            if offset == 0:
-                return self._send(target, "GET", url, headers=_IDENTITY, stream=True)
-            headers = {**_IDENTITY, "Range": f"bytes={offset}-"}
-            response = self._send(target, "GET", url, headers=headers, stream=True, ok=(206,))
-            _check_content_range(response, offset, target)
-            return response
-
-        return io.BufferedReader(_BlobStream(open_at, self.retry_policy, str(target)), CHUNK_SIZE)
+        return self._stream(repo, digest, 0, None)
 
     def open_range(self, repo: str, digest: str, offset: int, length: int) -> BinaryIO:
         """Stream `length` bytes of a blob from `offset` by one range request (resumed where a
         lost connection broke it off): the first bytes can be used while the rest arrive."""
-        Digest.parse(digest)
         if offset < 0 or length <= 0:
             raise ValueError(f"bad range offset={offset} length={length}")
+        return self._stream(repo, digest, offset, length)
+
+    def _stream(self, repo: str, digest: str, start: int, length: int | None) -> BinaryIO:
+        """The blob from `start`, to its end or for `length` bytes, as a stream that reopens
+        where it broke off."""
+        Digest.parse(digest)
         target = _Target("blob", self.host, repo, digest)
         url = f"/v2/{repo}/blobs/{digest}"
-        last = offset + length - 1
+        last = "" if length is None else str(start + length - 1)
 
         def open_at(pos: int) -> httpx.Response:
-            headers = {**_IDENTITY, "Range": f"bytes={offset + pos}-{last}"}
+            if start + pos == 0 and length is None:
+                return self._send(target, "GET", url, headers=_IDENTITY, stream=True)
+            headers = {**_IDENTITY, "Range": f"bytes={start + pos}-{last}"}
             response = self._send(target, "GET", url, headers=headers, stream=True, ok=(206,))
-            _check_content_range(response, offset + pos, target, length - pos)
+            _check_content_range(response, start + pos, target,
+                                 None if length is None else length - pos)
             return response
 
         return io.BufferedReader(_BlobStream(open_at, self.retry_policy, str(target)), CHUNK_SIZE)
