@@ -44,12 +44,12 @@ from snapshotter.unpack import BlobDownloads, UnpackError, unpack_blob
 log = logging.getLogger(__name__)
 
 STATE_FILE = "remote.json"
+_RESOLVED_SECONDS = 30.0  # how long a tag's resolution serves the image's later layers
 
 
 class NotServable(Exception):
     """The daemon cannot serve this layer; containerd's ordinary path takes it."""
 
-_RESOLVED_SECONDS = 30.0  # how long a tag's resolution serves the image's later layers
 
 def _write_atomic(path: Path, data: bytes, sync: bool = True) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -194,8 +194,11 @@ class RemoteLayers:
                 and any(x["digest"] == layer_digest for x in known.get("layers") or [])):
             return digest
         digest = self._resolve(client, repo, reference, layer_digest)
-        with self._lock:
-            self._resolved[key] = (time.monotonic(), digest)
+        now = time.monotonic()
+        with self._lock:  # old resolutions go: one entry per tag ever pulled would only grow
+            self._resolved = {k: v for k, v in self._resolved.items()
+                              if now - v[0] < _RESOLVED_SECONDS}
+            self._resolved[key] = (now, digest)
         return digest
 
     def _resolve(self, client: RegistryClient, repo: str, reference: str,
