@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import shutil
+import subprocess
 import tarfile
 from collections.abc import Callable
 from typing import BinaryIO
@@ -87,3 +90,13 @@ def assert_chunks_valid(
                 assert contents[e.name][c.file_offset : c.file_offset + c.size] == data, e.name
             n += 1
     return n
+
+
+def assert_decodes_to(blob: bytes, tar: bytes) -> None:
+    """Any zstd decoder, this library's and the zstd CLI's, gives back the original tar."""
+    with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(blob),
+                                                    read_across_frames=True) as r:
+        assert r.read() == tar
+    if shutil.which("zstd"):
+        cli = subprocess.run(["zstd", "-d", "-c"], input=blob, capture_output=True, check=True)
+        assert cli.stdout == tar
