@@ -107,6 +107,11 @@ class RemoteConfig:
     # Programs touch most of the binaries and libraries they map, one page fault at a time;
     # this turns those round trips into a few large requests.
     whole_file_mb: int = 64
+    # A read that must go to the registry in a small file (up to 1 MiB) also fetches the other
+    # small files of its directory, up to this many KiB of compressed chunks, nearest in the
+    # layer first (0: off). Compilers read headers, and daemons their configuration, a
+    # directory at a time and one file after another: gcc's 25 header misses became 6.
+    directory_kb: int = 512
     # How far the kernel reads ahead on lazy layers, in KiB (-1: the kernel's own, 128). Each
     # page fault of a mapped file reads this much around it, and on a cold layer that means
     # fetching the chunks it covers. Smaller values fetch less but cross FUSE more often: they
@@ -130,8 +135,9 @@ class RemoteConfig:
     metrics_address: str = "127.0.0.1:9911"
 
     def validate(self) -> None:
-        if self.whole_file_mb < 0:
-            raise ConfigError("remote.whole_file_mb must be 0 (off) or more")
+        if self.whole_file_mb < 0 or self.directory_kb < 0:
+            raise ConfigError("remote.whole_file_mb and remote.directory_kb must be 0 (off) "
+                              "or more")
         if self.page_readahead_kb < -1:
             raise ConfigError("remote.page_readahead_kb must be -1 (the kernel's) or more")
         if self.cache_size_mb < 1:

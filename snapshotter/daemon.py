@@ -91,6 +91,7 @@ def _fuse_process(config: Config) -> FuseProcess:
         log_file=fuse_dir / "fuse.log", background_prefetch=config.remote.background_prefetch,
         prefetch_parallel=config.remote.prefetch_parallel,
         readahead=config.remote.readahead_kb << 10, whole_file=config.remote.whole_file_mb << 20,
+        directory=config.remote.directory_kb << 10,
         page_readahead_kb=config.remote.page_readahead_kb, log_level=config.log_level))
 
 

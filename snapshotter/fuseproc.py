@@ -33,6 +33,7 @@ class FuseConfig:
     prefetch_parallel: int = 4
     readahead: int = 512 * 1024
     whole_file: int = 64 << 20
+    directory: int = 512 << 10
     page_readahead_kb: int = -1
     log_level: str = "info"
 
@@ -68,6 +69,7 @@ class FuseProcess:
                "--cache-dir", str(cfg.cache_dir), "--cache-size", str(cfg.cache_size),
                "--prefetch-parallel", str(cfg.prefetch_parallel),
                "--readahead", str(cfg.readahead), "--whole-file", str(cfg.whole_file),
+               "--directory", str(cfg.directory),
                "--page-readahead-kb", str(cfg.page_readahead_kb),
                "--profile-dir", str(cfg.cache_dir.parent / "profiles"),
                "--log-level", cfg.log_level, "--ready-fd", str(write_fd)]

@@ -69,6 +69,7 @@ class Layer:
     # files (local inode numbers) whose whole content a read miss already sent for
     whole_files: set[int] = field(default_factory=set)
     file_misses: dict[int, int] = field(default_factory=dict)  # reads that went out, by file
+    dirs_fetched: set[int] = field(default_factory=set)  # dirs whose small files were sent for
     # `zest optimize` is recording: the pages reads asked for, as (TOC entry, page), in
     # first-touch order, kept apart from the chunks because hot frames are packed from them
     recording: bool = False

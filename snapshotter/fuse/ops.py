@@ -11,7 +11,7 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import cast
 
 import pyfuse3
@@ -38,10 +38,12 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, layers: LayerSet, reader: Reader):
+    def __init__(self, layers: LayerSet, reader: Reader,
+                 opened: Callable[[Layer, int], None] | None = None):
         super().__init__()
         self.layers = layers
         self.reader = reader
+        self.opened = opened  # told of each read at a file's start (execwatch)
         self._limiter = trio.CapacityLimiter(64)
         self.readlinks = 0  # the kernel caches targets when asked (kernelcaps): few reach us
 
@@ -161,6 +163,8 @@ class Operations(pyfuse3.Operations):
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         layer, local = self._layer(fh)
+        if off == 0 and self.opened is not None:
+            self.opened(layer, local)
         try:
             # what is here already is served on the loop: a slice or a pread, no thread hop
             data = self.reader.read_local(layer, local, off, size)

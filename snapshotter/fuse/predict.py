@@ -16,11 +16,14 @@ from __future__ import annotations
 import logging
 import posixpath
 import re
+import shlex
 import struct
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 from chunkstore._pb import toc_pb2
+from chunkstore.fetch import ChunkRef
 from snapshotter.fuse.layers import Layer
 from snapshotter.fuse.tree import OPAQUE_XATTR
 
@@ -30,6 +33,10 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 LIB_DIRS = ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib/aarch64-linux-gnu",
             "/usr/lib/aarch64-linux-gnu", "/lib64", "/usr/lib64", "/lib", "/usr/lib")
 _MAX_FILES = 128
+_PF_X, _PF_W = 1, 2
+_PARSE_PARALLEL = 8
+_SMALL_FILE = 1 << 20  # fetched whole
+_LOADER_CAP = 4 << 20  # of one segment: past that, a table is read sparsely
 # what CPython imports before running user code (site, encodings, io machinery)
 _PYTHON_STARTUP = ("abc", "codecs", "encodings/__init__", "encodings/aliases", "encodings/utf_8",
                    "io", "site", "os", "stat", "posixpath", "genericpath", "_collections_abc",
@@ -43,6 +50,16 @@ _RUNTIME_FILES = ("/etc/passwd", "/etc/group", "/etc/ld.so.cache",
                   "/usr/lib/locale/C.utf8/LC_CTYPE", "/usr/lib/locale/C.UTF-8/LC_CTYPE",
                   "/usr/lib/x86_64-linux-gnu/gconv/gconv-modules.cache",
                   "/usr/lib/aarch64-linux-gnu/gconv/gconv-modules.cache", "/etc/localtime")
+
+_SHELLS = frozenset({"sh", "bash", "dash", "ash", "busybox"})
+# commands that run the command after their options (or after "--")
+_WRAPPERS = frozenset({"exec", "env", "nice", "nohup", "runuser", "setpriv", "su-exec", "gosu",
+                       "sudo", "timeout", "tini", "dumb-init", "chroot", "stdbuf", "time"})
+_BUILTINS = frozenset({"echo", "printf", "cd", "exec", "export", "set", "test", "true", "false",
+                       ":", "read", "exit", "shift", "unset", "trap", "wait", "eval", ".",
+                       "umask", "ulimit"})
+_SHELL_WORDS = frozenset({"if", "then", "else", "elif", "fi", "do", "done", "while", "until",
+                          "for", "case", "esac", "!", "{", "}", "(", ")", "[", "[[", "]", "]]"})
 
 ReadFile = Callable[[Layer, int, int, int], bytes]  # (layer, local inode, offset, size)
 
@@ -133,6 +150,10 @@ class Elf:
     interp: str | None
     needed: list[str]
     runpath: list[str]
+    # file ranges the dynamic loader reads or relocates before the program runs: the headers,
+    # the first segment when it holds no code (symbol, string, hash and relocation tables in
+    # today's layouts), the dynamic section and the writable segments
+    loader: list[tuple[int, int]] = field(default_factory=list)
 
 
 def parse_elf(read: Callable[[int, int], bytes]) -> Elf | None:
@@ -146,19 +167,23 @@ def parse_elf(read: Callable[[int, int], bytes]) -> Elf | None:
         return None
     ph = read(phoff, phentsize * phnum)
     loads: list[tuple[int, int, int]] = []
+    loader = [(0, phoff + phentsize * phnum)]
     interp = None
     dynamic = None
     for i in range(phnum):
-        p_type, _, p_offset, p_vaddr, _, p_filesz = struct.unpack_from(
+        p_type, p_flags, p_offset, p_vaddr, _, p_filesz = struct.unpack_from(
             "<IIQQQQ", ph, i * phentsize)
         if p_type == 1:
+            if (not loads and not p_flags & _PF_X) or p_flags & _PF_W:
+                loader.append((p_offset, min(p_filesz, _LOADER_CAP)))
             loads.append((p_vaddr, p_offset, p_filesz))
         elif p_type == 3:
             interp = read(p_offset, p_filesz).split(b"\0")[0].decode(errors="replace")
         elif p_type == 2:
             dynamic = (p_offset, p_filesz)
+            loader.append(dynamic)
     if dynamic is None:
-        return Elf(interp, [], [])
+        return Elf(interp, [], [], loader)
     dyn = read(*dynamic)
     tags: list[tuple[int, int]] = []
     for i in range(0, len(dyn) - 15, 16):
@@ -168,10 +193,10 @@ def parse_elf(read: Callable[[int, int], bytes]) -> Elf | None:
         tags.append((tag, val))
     strtab = next((v for t, v in tags if t == 5), None)
     if strtab is None:
-        return Elf(interp, [], [])
+        return Elf(interp, [], [], loader)
     off = next((o + strtab - va for va, o, sz in loads if va <= strtab < va + sz), None)
     if off is None:
-        return Elf(interp, [], [])
+        return Elf(interp, [], [], loader)
 
     def string(i: int) -> str:
         # one name at a time: a C++ library's string table runs to megabytes
@@ -181,7 +206,36 @@ def parse_elf(read: Callable[[int, int], bytes]) -> Elf | None:
 
     needed = [string(v) for t, v in tags if t == 1]
     runpath = [p for t, v in tags if t in (15, 29) for p in string(v).split(":") if p]
-    return Elf(interp, needed, runpath)
+    return Elf(interp, needed, runpath, loader)
+
+
+def shell_commands(script: str) -> list[str]:
+    """The programs a `sh -c` script runs, in order: the first word of each simple command,
+    and the command a wrapper such as runuser or env runs. A guess, not a shell parser."""
+    try:
+        words = shlex.split(re.sub(r"(&&|\|\||[;|&\n()])", " ; ", script), comments=True)
+    except ValueError:
+        return []
+    out: list[str] = []
+    simple: list[str] = []
+    for w in [*words, ";"]:
+        if w != ";":
+            simple.append(w)
+            continue
+        todo = [x for x in simple if x not in _SHELL_WORDS]
+        simple = []
+        while todo and ("=" in todo[0].split("/")[0] or todo[0].startswith((">", "<"))):
+            todo.pop(0)  # VAR=value, redirections
+        while todo and not todo[0].startswith(("$", "-")):
+            name = todo.pop(0)
+            if name not in out:
+                out.append(name)
+            if posixpath.basename(name) not in _WRAPPERS:
+                break
+            # the wrapped command: after "--", else the first word that is no option
+            todo = todo[todo.index("--") + 1:] if "--" in todo else [
+                x for x in todo if not x.startswith("-") and "=" not in x]
+    return out
 
 
 def parse_ld_so_cache(data: bytes) -> dict[str, str]:
@@ -214,6 +268,7 @@ class Predictor:
         self.view = view
         self.read = read
         self._ldcache: dict[str, str] | None = None
+        self._elfs: dict[tuple[int, int], Elf | None] = {}
 
     def _bytes(self, f: Found, off: int, n: int) -> bytes:
         return self.read(f.layer, f.local, off, n)
@@ -278,6 +333,10 @@ class Predictor:
                 add(self.view.lookup(line[0]))
                 if line[0].endswith("/env") and len(line) > 1:
                     add(self.which(line[1], env, workdir))
+        if len(argv) > 2 and argv[1] == "-c" and posixpath.basename(argv[0]) in _SHELLS:
+            for name in shell_commands(argv[2]):  # a Dockerfile's shell-form CMD and the like
+                if name not in _BUILTINS:
+                    add(self.which(name, env, workdir))
         # the libraries the program itself needs; theirs come from `libraries`
         self._needs(list(out), add)
         m = re.search(r"python(3\.\d+)", out[0].path)
@@ -306,10 +365,19 @@ class Predictor:
             queue = out[before:]
         return out
 
+    def elf(self, f: Found) -> Elf | None:
+        key = _key(f)
+        if key not in self._elfs:
+            self._elfs[key] = parse_elf(self._reader_of(f)) if f.entry.size >= 64 else None
+        return self._elfs[key]
+
     def _needs(self, files: Sequence[Found], add: Callable[[Found | None], None]) -> None:
-        """Passes each file's ELF interpreter and DT_NEEDED libraries to `add`."""
-        for f in files:
-            elf = parse_elf(self._reader_of(f))
+        """Passes each file's ELF interpreter and DT_NEEDED libraries to `add`. The files are
+        parsed in parallel: each parse waits for a chunk or two from the registry, and a
+        program's libraries are known only once those are in."""
+        with ThreadPoolExecutor(max_workers=_PARSE_PARALLEL) as pool:
+            elfs = list(pool.map(self.elf, files))
+        for f, elf in zip(files, elfs, strict=True):
             if elf is None:
                 continue
             if elf.interp:
@@ -317,6 +385,22 @@ class Predictor:
             origin = posixpath.dirname(f.path)
             for name in elf.needed:
                 add(self.library(name, elf.runpath, origin))
+
+    def loader_chunks(self, files: Sequence[Found]) -> list[tuple[Layer, ChunkRef]]:
+        """The chunks the dynamic loader reads of each ELF file among `files` before the
+        program runs its own code (all of a small file): a library's text is read thinly,
+        and fetched whole it takes the link from the reads that need it."""
+        out: dict[tuple[int, int], tuple[Layer, ChunkRef]] = {}
+        for f in files:
+            elf = self.elf(f)
+            if elf is None:
+                continue
+            size = f.entry.size
+            spans = [(0, size)] if size <= _SMALL_FILE else elf.loader
+            for off, n in spans:
+                for ref in f.layer.tree.chunks_for(f.local, off, n)[1]:
+                    out.setdefault((id(f.layer), ref.blob_offset), (f.layer, ref))
+        return list(out.values())
 
     def _python(self, version: str, add: Callable[[Found | None], None]) -> None:
         tag = version.replace(".", "")

@@ -28,12 +28,46 @@ WholeFile = Callable[[list[tuple[Layer, ChunkRef]]], None]
 
 class Reader:
     def __init__(self, fetcher: Fetcher, readahead: int = 512 * 1024, *, whole_file: int = 0,
-                 on_miss: WholeFile | None = None):
+                 directory: int = 0, on_miss: WholeFile | None = None):
         self.fetcher = fetcher
         self.readahead = readahead  # compressed bytes after a miss that ride along
         # files up to this size are fetched whole (by `on_miss`) once a read misses in them
         self.whole_file = whole_file if on_miss is not None else 0
+        # a miss in a small file fetches this many compressed bytes of its directory's others
+        self.directory = directory if on_miss is not None else 0
         self.on_miss = on_miss
+
+    def _siblings(self, layer: Layer, local: int,
+                  skip: set[bytes]) -> list[tuple[Layer, ChunkRef]]:
+        """On the first miss in a small file of a directory, the directory's other small
+        files, nearest in the blob first, up to `directory` bytes: programs read headers,
+        configuration and modules a directory at a time, one round trip each."""
+        tree = layer.tree
+        parent = tree.nodes[local].parent
+        mine = tree.entry(local)
+        if (not self.directory or mine is None or mine.size > _SMALL_FILE
+                or parent in layer.dirs_fetched):
+            return []
+        layer.dirs_fetched.add(parent)
+        children = tree.nodes[parent].children or {}
+        here = tree.chunks_for(local, 0, 1)[1]
+        at = here[0].blob_offset if here else 0
+        refs: dict[bytes, ChunkRef] = {}
+        for ino in children.values():
+            e = tree.entry(ino)
+            if ino == local or e is None or e.type != toc_pb2.REG or e.size > _SMALL_FILE:
+                continue
+            for c in e.chunks:
+                if c.digest not in skip and not self.fetcher.is_cached(ref := chunk_ref(c)):
+                    refs.setdefault(c.digest, ref)
+        out: list[tuple[Layer, ChunkRef]] = []
+        total = 0
+        for ref in sorted(refs.values(), key=lambda r: abs(r.blob_offset - at)):
+            total += ref.compressed_size
+            if total > self.directory:
+                break
+            out.append((layer, ref))
+        return sorted(out, key=lambda pair: pair[1].blob_offset)
 
     @staticmethod
     def _enough_misses(layer: Layer, local: int, size: int, chunks: int) -> bool:
@@ -118,14 +152,18 @@ class Reader:
             else:
                 READ_LATENCY.observe(time.monotonic() - started)
                 return b"".join(got[ref.digest][at : at + n] for ref, at, n in hot)
-        if (record and self.whole_file and e.size <= self.whole_file and len(e.chunks) > len(refs)
-                and local not in layer.whole_files
-                and not all(self.fetcher.is_cached(r) for r in refs)
-                and self._enough_misses(layer, local, e.size, len(e.chunks))):
-            layer.whole_files.add(local)
-            assert self.on_miss is not None
-            asked = {r.digest for r in refs}  # this read fetches those itself, at once
-            self.on_miss([(layer, chunk_ref(c)) for c in e.chunks if c.digest not in asked])
+        if record and self.on_miss is not None and not all(
+                self.fetcher.is_cached(r) for r in refs):
+            wanted = []
+            if (self.whole_file and e.size <= self.whole_file and len(e.chunks) > len(refs)
+                    and local not in layer.whole_files
+                    and self._enough_misses(layer, local, e.size, len(e.chunks))):
+                layer.whole_files.add(local)
+                asked = {r.digest for r in refs}  # this read fetches those itself, at once
+                wanted = [(layer, chunk_ref(c)) for c in e.chunks if c.digest not in asked]
+            wanted += self._siblings(layer, local, {c.digest for c in e.chunks})
+            if wanted:
+                self.on_miss(wanted)
         extra = layer.tree.following(refs[-1], self.readahead) if self.readahead else []
         datas = self.fetcher.get(layer.source, refs, what, readahead=extra)
         buf = b"".join(datas) if len(datas) > 1 else datas[0]

@@ -38,6 +38,7 @@ from chunkstore.digest import Digest
 from chunkstore.fetch import Fetcher, RangeSource
 from chunkstore.hot import frame_refs
 from snapshotter.fuse import kernelcaps, protocol
+from snapshotter.fuse.execwatch import ExecWatch
 from snapshotter.fuse.layers import FileSource, Layer, LayerSet, join_ino
 from snapshotter.fuse.ops import Operations
 from snapshotter.fuse.pagecache import PageCache, set_page_readahead
@@ -75,7 +76,7 @@ class _RegistryBlob:
 class Server:
     def __init__(self, mountpoint: Path, cache: ChunkCache, *, background_prefetch: bool,
                  prefetch_parallel: int, readahead: int = 512 * 1024,
-                 whole_file: int = 0, profile_dir: Path | None = None):
+                 whole_file: int = 0, directory: int = 0, profile_dir: Path | None = None):
         self.profile_dir = profile_dir
         self.mountpoint = mountpoint
         self.cache = cache
@@ -85,9 +86,10 @@ class Server:
         self.prefetcher = Prefetcher(self.fetcher, parallel=prefetch_parallel,
                                      background=background_prefetch, pages=self.pages)
         self._recording = False  # `zest optimize` records: the mount's readahead is off
-        self.reader = Reader(self.fetcher, readahead, whole_file=whole_file,
+        self.reader = Reader(self.fetcher, readahead, whole_file=whole_file, directory=directory,
                              on_miss=self.prefetcher.fetch_files)
-        self.ops = Operations(self.layers, self.reader)
+        self.execwatch = ExecWatch(self.prefetcher.fetch_files)
+        self.ops = Operations(self.layers, self.reader, opened=self.execwatch.opened)
         self._clients: dict[tuple[str, bool], RegistryClient] = {}
         self._lock = threading.Lock()  # guards _clients and _trees
         # trees built by `warm` for layers not yet added, by TOC digest (add takes them)
@@ -168,6 +170,7 @@ class Server:
     def op_remove(self, req: dict[str, Any]) -> dict[str, Any]:
         name = str(req["name"])
         self.prefetcher.stop(name)
+        self.execwatch.forget(name)
         layer = self.layers.remove(name)
         if layer is not None:
             log.info("layer removed", extra={"kv": {"name": name, "layer": layer.what}})
@@ -191,13 +194,19 @@ class Server:
             return self.reader.read(layer, local, off, size, record=False)
 
         predictor = Predictor(view, read)
+        self.execwatch.watch(predictor)  # the programs the entrypoint starts, as they start
         found = predictor.predict(req.get("argv") or [], req.get("env") or [],
                                   str(req.get("workdir") or "/"))
-        wanted = [(f.layer, chunk_ref(c)) for f in found for c in f.entry.chunks]
-        self.prefetcher.fetch_files(wanted)
+        # what the dynamic loader reads comes first: it reads it before anything else runs
+        first = predictor.loader_chunks(found)
+        firsts = {(id(layer), r.blob_offset) for layer, r in first}
+        self.prefetcher.fetch_files(first + [
+            (f.layer, r) for f in found for r in map(chunk_ref, f.entry.chunks)
+            if (id(f.layer), r.blob_offset) not in firsts])
         deeper = predictor.libraries(found)  # after the fetch is under way: more round trips
+        self.prefetcher.fetch_files(predictor.loader_chunks(deeper))
         log.info("predicted prefetch", extra={"kv": {"files": len(found), "argv0": (
-            req.get("argv") or ["?"])[0], "libraries_left_to_reads": len(deeper)}})
+            req.get("argv") or ["?"])[0], "libraries": len(deeper)}})
         return {"files": [f.path for f in found], "libraries": [f.path for f in deeper]}
 
     def op_profile(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -393,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--readahead", type=int, default=512 * 1024)
     ap.add_argument("--whole-file", type=int, default=64 << 20,
                     help="a miss fetches the rest of files up to this size (0: off)")
+    ap.add_argument("--directory", type=int, default=512 << 10,
+                    help="a miss in a small file fetches this many compressed bytes of its "
+                         "directory's other small files (0: off)")
     ap.add_argument("--page-readahead-kb", type=int, default=-1,
                     help="the kernel's readahead on the mount (-1: leave the kernel's)")
     ap.add_argument("--profile-dir", help="where first-run profiles are kept")
@@ -410,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     server = Server(mountpoint, ChunkCache(args.cache_dir, args.cache_size),
                     background_prefetch=not args.no_background_prefetch,
                     prefetch_parallel=args.prefetch_parallel, readahead=args.readahead,
-                    whole_file=args.whole_file,
+                    whole_file=args.whole_file, directory=args.directory,
                     profile_dir=Path(args.profile_dir) if args.profile_dir else None)
     options = {"fsname=zest", "subtype=zest", "ro", "allow_other", "default_permissions"}
     pyfuse3.init(server.ops, str(mountpoint), options)
@@ -422,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         trio.run(_main, server, args.control, args.ready_fd)
     finally:
         server.prefetcher.shutdown()
+        server.execwatch.shutdown()
         pyfuse3.close(unmount=True)
         if os.path.exists(args.control):
             os.unlink(args.control)

@@ -1,0 +1,218 @@
+"""Prefetch without a profile, beyond the entrypoint: the loader's share of ELF files, the
+commands of a `sh -c` script, programs seen as they start (execwatch), and a directory's small
+files after a miss in one of them. Real ELF files of this machine in converted layers."""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from chunkstore.cache import ChunkCache
+from chunkstore.chunker import ChunkerParams
+from chunkstore.convert import convert_tar
+from chunkstore.fetch import ChunkRef, Fetcher
+from chunkstore.toc import load_toc, read_footer
+from snapshotter.fuse.execwatch import ExecWatch
+from snapshotter.fuse.layers import Layer
+from snapshotter.fuse.predict import MergedView, Predictor, parse_elf, shell_commands
+from snapshotter.fuse.reader import Reader
+from snapshotter.fuse.tree import LayerTree
+from tests.support import ocibuild as ob
+from tests.unit.test_fetch import MultiBlob
+
+LIBDIR = "/lib/x86_64-linux-gnu"
+SMALL_CHUNKS = ChunkerParams(min_size=16 * 1024, avg_size=64 * 1024, max_size=256 * 1024)
+Fetched = list[tuple[Layer, ChunkRef]]
+
+
+def _host(name: str) -> bytes:
+    return Path(os.path.realpath(f"{LIBDIR}/{name}")).read_bytes()
+
+
+needs_host_libs = pytest.mark.skipif(
+    not all(Path(f"{LIBDIR}/{n}").exists() for n in ("libc.so.6", "libselinux.so.1"))
+    or not Path("/bin/ls").exists(), reason="needs this machine's ls, libc and libselinux")
+
+
+def _layer(files: dict[str, bytes]) -> Layer:
+    out = io.BytesIO()
+    convert_tar(io.BytesIO(ob.make_tar(files)), out, params=SMALL_CHUNKS)  # type: ignore[arg-type]
+    data = out.getvalue()
+    toc = load_toc(lambda o, n: data[o:o + n], read_footer(lambda o, n: data[o:o + n],
+                                                           len(data)))
+    return Layer(name="1", slot=1, tree=LayerTree(toc), source=MultiBlob(data), what="test")
+
+
+def _predictor(layer: Layer, tmp_path: Path) -> Predictor:
+    reader = Reader(Fetcher(ChunkCache(tmp_path / "cache", 10**8)))
+
+    def read(lay: Layer, local: int, off: int, n: int) -> bytes:
+        return reader.read(lay, local, off, n, record=False)
+
+    return Predictor(MergedView([layer]), read)
+
+
+def _elf_layer() -> Layer:
+    return _layer({"bin/ls": Path("/bin/ls").read_bytes(),
+                   f"{LIBDIR[1:]}/libc.so.6": _host("libc.so.6"),
+                   f"{LIBDIR[1:]}/libselinux.so.1": _host("libselinux.so.1"),
+                   "etc/motd": b"hello\n"})
+
+
+def test_shell_commands_of_common_cmd_lines() -> None:
+    assert shell_commands('printf "x" > /tmp/a.c && gcc -O2 -o /tmp/a /tmp/a.c && /tmp/a') == [
+        "printf", "gcc", "/tmp/a"]
+    assert shell_commands("runuser -u postgres -- /usr/lib/postgresql/15/bin/initdb -D /x"
+                          " >/dev/null && echo done") == [
+        "runuser", "/usr/lib/postgresql/15/bin/initdb", "echo"]
+    assert shell_commands("FOO=1 exec python3 app.py") == ["exec", "python3"]
+    assert shell_commands("env A=b node x.js | tee log; if [ -f x ]; then cat x; fi") == [
+        "env", "node", "tee", "cat"]
+    assert shell_commands('echo "unterminated') == []
+
+
+@needs_host_libs
+def test_loader_ranges_hold_headers_tables_and_writable_data() -> None:
+    data = _host("libc.so.6")
+    elf = parse_elf(lambda off, n: data[off:off + n])
+    assert elf is not None
+    starts = [off for off, _ in elf.loader]
+    assert 0 in starts  # the ELF and program headers
+    assert all(off >= 0 and off + n <= len(data) for off, n in elf.loader)
+    # the writable segment (GOT, data) lies in the last part of the file; text does not count
+    assert max(starts) > len(data) // 2
+    assert sum(n for _, n in elf.loader) < len(data) // 2
+
+
+@needs_host_libs
+def test_loader_chunks_are_a_large_library_in_part_and_a_small_one_whole(
+        tmp_path: Path) -> None:
+    layer = _elf_layer()
+    pred = _predictor(layer, tmp_path)
+    libc = pred.view.lookup(f"{LIBDIR}/libc.so.6")
+    motd = pred.view.lookup("/etc/motd")
+    assert libc is not None and motd is not None
+    got = pred.loader_chunks([libc, motd])
+    offsets = {r.blob_offset for _, r in got}
+    libc_chunks = {c.blob_offset for c in libc.entry.chunks}
+    assert libc.entry.chunks[0].blob_offset in offsets
+    assert libc.entry.chunks[-1].blob_offset in offsets or libc.entry.chunks[-2].blob_offset in (
+        offsets)  # the writable segment, near the end
+    assert len(offsets & libc_chunks) < len(libc_chunks) // 2
+    assert not {c.blob_offset for c in motd.entry.chunks} & offsets  # not ELF: not the loader's
+    ls = pred.view.lookup("/bin/ls")
+    assert ls is not None and ls.entry.size < 1 << 20
+    assert {c.blob_offset for c in ls.entry.chunks} <= {
+        r.blob_offset for _, r in pred.loader_chunks([ls])}  # a small ELF file: all of it
+
+
+@needs_host_libs
+def test_predict_follows_the_commands_of_a_shell_cmd(tmp_path: Path) -> None:
+    layer = _layer({"bin/sh": b"#!fake shell\n", "usr/bin/gcc": Path("/bin/ls").read_bytes(),
+                    "opt/app": b"app", f"{LIBDIR[1:]}/libc.so.6": _host("libc.so.6"),
+                    f"{LIBDIR[1:]}/libselinux.so.1": _host("libselinux.so.1")})
+    pred = _predictor(layer, tmp_path)
+    found = [f.path for f in pred.predict(
+        ["/bin/sh", "-c", "printf x > a.c && gcc a.c && runuser -u u -- /opt/app"],
+        ["PATH=/usr/bin:/bin"])]
+    assert found[0] == "/bin/sh"  # the shell itself first (no runtime files here)
+    assert "/usr/bin/gcc" in found and "/opt/app" in found
+    assert f"{LIBDIR}/libselinux.so.1" in found  # what gcc (here: ls) needs
+    assert not any(p.endswith("printf") for p in found)
+
+
+def _watch(layer: Layer, tmp_path: Path) -> tuple[ExecWatch, Fetched]:
+    fetched: Fetched = []
+    watch = ExecWatch(fetched.extend)
+    watch.watch(_predictor(layer, tmp_path))
+    return watch, fetched
+
+
+def _local(layer: Layer, path: str) -> int:
+    ino = layer.tree.resolve(path.encode())
+    assert ino is not None
+    return ino
+
+
+def _settle(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@needs_host_libs
+def test_a_program_starting_fetches_its_libraries_loader_chunks(tmp_path: Path) -> None:
+    layer = _elf_layer()
+    watch, fetched = _watch(layer, tmp_path)
+    watch.opened(layer, _local(layer, "bin/ls"))
+    _settle(lambda: bool(fetched))
+    watch.shutdown()
+    time.sleep(0.1)
+    files = {layer.tree.nodes[_local(layer, p)].entry: p for p in (
+        f"{LIBDIR[1:]}/libc.so.6", f"{LIBDIR[1:]}/libselinux.so.1")}
+    by_entry = {c.blob_offset: k for k, e in enumerate(layer.tree.toc.entries) for c in e.chunks}
+    touched = {files[by_entry[r.blob_offset]] for _, r in fetched
+               if by_entry.get(r.blob_offset) in files}
+    assert touched == set(files.values())  # both libraries, found as the loader finds them
+
+
+@needs_host_libs
+def test_execwatch_looks_once_and_only_at_watched_elf_files(tmp_path: Path) -> None:
+    layer = _elf_layer()
+    watch, fetched = _watch(layer, tmp_path)
+    watch.opened(layer, _local(layer, "etc/motd"))  # not ELF: nothing to fetch
+    time.sleep(0.3)
+    assert fetched == []
+    watch.opened(layer, _local(layer, "bin/ls"))
+    _settle(lambda: bool(fetched))
+    time.sleep(0.3)
+    n = len(fetched)
+    watch.opened(layer, _local(layer, "bin/ls"))  # seen: no second walk
+    time.sleep(0.3)
+    assert len(fetched) == n
+    watch.forget(layer.name)  # the layer went away: nothing watched
+    watch.opened(layer, _local(layer, f"{LIBDIR[1:]}/libselinux.so.1"))
+    time.sleep(0.3)
+    assert len(fetched) == n
+    watch.shutdown()
+
+
+def _dir_reader(tmp_path: Path, directory: int) -> tuple[Reader, Layer, Fetched]:
+    headers = {f"usr/include/h{i}.h": os.urandom(40_000) for i in range(8)}
+    layer = _layer({**headers, "usr/lib/other.txt": os.urandom(40_000)})
+    fetched: Fetched = []
+    reader = Reader(Fetcher(ChunkCache(tmp_path / "cache", 10**8)), 0, whole_file=64 << 20,
+                    directory=directory, on_miss=fetched.extend)
+    return reader, layer, fetched
+
+
+def test_a_miss_in_a_small_file_fetches_its_directory(tmp_path: Path) -> None:
+    reader, layer, fetched = _dir_reader(tmp_path, 1 << 20)
+    h0 = _local(layer, "usr/include/h0.h")
+    reader.read(layer, h0, 0, 4096)
+    sent = {r.blob_offset for _, r in fetched}
+    own = {c.blob_offset for c in layer.tree.entry(h0).chunks}  # type: ignore[union-attr]
+    others = {c.blob_offset for i in range(1, 8) for c in layer.tree.entry(
+        _local(layer, f"usr/include/h{i}.h")).chunks}  # type: ignore[union-attr]
+    elsewhere = {c.blob_offset for c in layer.tree.entry(
+        _local(layer, "usr/lib/other.txt")).chunks}  # type: ignore[union-attr]
+    assert others - own <= sent
+    assert not (elsewhere - others - own) & sent
+    n = len(fetched)
+    reader.read(layer, _local(layer, "usr/include/h7.h"), 0, 4096)  # the dir was sent for
+    assert len(fetched) == n
+
+
+def test_the_directory_fetch_keeps_to_its_budget_and_can_be_off(tmp_path: Path) -> None:
+    reader, layer, fetched = _dir_reader(tmp_path, 100_000)
+    reader.read(layer, _local(layer, "usr/include/h0.h"), 0, 4096)
+    assert 0 < sum(r.compressed_size for _, r in fetched) <= 100_000
+    reader, layer, fetched = _dir_reader(tmp_path / "off", 0)
+    reader.read(layer, _local(layer, "usr/include/h0.h"), 0, 4096)
+    assert fetched == []
