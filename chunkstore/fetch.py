@@ -130,6 +130,13 @@ class Fetcher:
                 return True
         return Digest(ref.digest) in self.cache
 
+    def is_coming(self, ref: ChunkRef) -> bool:
+        """Here already, or on its way (another caller fetches it)."""
+        with self._lock:
+            if ref.digest in self._inflight:
+                return True
+        return self.is_cached(ref)
+
     def read_local(self, refs: Sequence[ChunkRef], skip: int, length: int) -> bytes | None:
         """`length` bytes from `skip` into `refs` laid end to end, when each is in the memory
         tier or verified on disk; None as soon as one is not (then `get`). A read of a few

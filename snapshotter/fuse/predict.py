@@ -269,6 +269,7 @@ class Predictor:
         self.read = read
         self._ldcache: dict[str, str] | None = None
         self._elfs: dict[tuple[int, int], Elf | None] = {}
+        self._libs: set[tuple[int, int]] = set()  # found as an interpreter or a library
 
     def _bytes(self, f: Found, off: int, n: int) -> bytes:
         return self.read(f.layer, f.local, off, n)
@@ -358,7 +359,7 @@ class Predictor:
         with them)."""
         out: list[Found] = []
         add = _adder(out, {_key(f) for f in found})
-        queue = [f for f in found if f.entry.size > 0]
+        queue = [f for f in found if self._may_be_elf(f)]
         while queue:
             before = len(out)
             self._needs(queue, add)
@@ -380,19 +381,28 @@ class Predictor:
         for f, elf in zip(files, elfs, strict=True):
             if elf is None:
                 continue
-            if elf.interp:
-                add(self.view.lookup(elf.interp))
+            found = [self.view.lookup(elf.interp)] if elf.interp else []
             origin = posixpath.dirname(f.path)
-            for name in elf.needed:
-                add(self.library(name, elf.runpath, origin))
+            found += [self.library(name, elf.runpath, origin) for name in elf.needed]
+            for lib in found:
+                if lib is not None:
+                    self._libs.add(_key(lib))
+                add(lib)
+
+    def _may_be_elf(self, f: Found) -> bool:
+        """Parsed as ELF, or found as a library: the rest (modules, configuration) is not
+        read for its headers, which would cost a fetch each."""
+        key = _key(f)
+        return self._elfs.get(key) is not None or key in self._libs
 
     def loader_chunks(self, files: Sequence[Found]) -> list[tuple[Layer, ChunkRef]]:
-        """The chunks the dynamic loader reads of each ELF file among `files` before the
-        program runs its own code (all of a small file): a library's text is read thinly,
-        and fetched whole it takes the link from the reads that need it."""
+        """The chunks the dynamic loader reads of each ELF file among `files` (those parsed
+        or found as libraries) before the program runs its own code (all of a small file):
+        a library's text is read thinly, and fetched whole it takes the link from the reads
+        that need it."""
         out: dict[tuple[int, int], tuple[Layer, ChunkRef]] = {}
         for f in files:
-            elf = self.elf(f)
+            elf = self.elf(f) if self._may_be_elf(f) else None
             if elf is None:
                 continue
             size = f.entry.size

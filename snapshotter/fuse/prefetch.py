@@ -146,7 +146,9 @@ class Prefetcher:
         given across layers (waves), each wave coalesced per layer blob."""
         def run() -> None:
             try:
-                todo = [(layer, r) for layer, r in wanted if not self.fetcher.is_cached(r)]
+                # what another fetch brings is left to it: a prefetch thread waiting for it
+                # would hold back the rest of the list
+                todo = [(layer, r) for layer, r in wanted if not self.fetcher.is_coming(r)]
                 jobs = []
                 for wave in _runs(todo, lambda pair: pair[1].compressed_size, _WAVE_BYTES):
                     by_layer: dict[str, tuple[Layer, list[ChunkRef]]] = {}

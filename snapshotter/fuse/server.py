@@ -197,13 +197,10 @@ class Server:
         self.execwatch.watch(predictor)  # the programs the entrypoint starts, as they start
         found = predictor.predict(req.get("argv") or [], req.get("env") or [],
                                   str(req.get("workdir") or "/"))
-        # what the dynamic loader reads comes first: it reads it before anything else runs
-        first = predictor.loader_chunks(found)
-        firsts = {(id(layer), r.blob_offset) for layer, r in first}
-        self.prefetcher.fetch_files(first + [
-            (f.layer, r) for f in found for r in map(chunk_ref, f.entry.chunks)
-            if (id(f.layer), r.blob_offset) not in firsts])
+        self.prefetcher.fetch_files([(f.layer, r) for f in found
+                                     for r in map(chunk_ref, f.entry.chunks)])
         deeper = predictor.libraries(found)  # after the fetch is under way: more round trips
+        # of those, what the loader reads: the rest they read thinly
         self.prefetcher.fetch_files(predictor.loader_chunks(deeper))
         log.info("predicted prefetch", extra={"kv": {"files": len(found), "argv0": (
             req.get("argv") or ["?"])[0], "libraries": len(deeper)}})

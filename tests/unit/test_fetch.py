@@ -248,3 +248,23 @@ def test_stream_verifies_and_a_stream_left_early_releases_its_chunks(tmp_path: P
     next(it)
     it.close()  # the consumer stopped: the chunks it claimed can be fetched by a read
     assert f2.get(src2, [refs[5]]) == [content[refs[5].digest]]
+
+
+def test_a_chunk_in_flight_is_coming_but_not_cached(tmp_path: Path) -> None:
+    """Prefetch leaves a chunk to the fetch that brings it (Fetcher.is_coming), instead of
+    holding one of its threads waiting for it."""
+    src, refs, _ = _layer()
+    src.delay = 0.5
+    f = Fetcher(ChunkCache(tmp_path, 10**7))
+    ref = refs[0]
+    assert not f.is_coming(ref)
+    t = threading.Thread(target=f.get, args=(src, [ref]))
+    t.start()
+    deadline = time.monotonic() + 5
+    while not src.requests:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert f.is_coming(ref) and not f.is_cached(ref)
+    t.join()
+    assert f.is_coming(ref) and f.is_cached(ref)
+    assert not f.is_coming(refs[1])
