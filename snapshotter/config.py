@@ -118,7 +118,8 @@ class RemoteConfig:
     # pay with images converted with small chunks, not with the default 256 KiB ones.
     page_readahead_kb: int = -1
     # With no recorded profile in an image, guess what its entrypoint reads first (the binary,
-    # its ELF interpreter and libraries, a Python's start-up modules) and prefetch that.
+    # its ELF interpreter and libraries, a Python's start-up modules) and prefetch that; and as
+    # each program starts in its containers, fetch what the loader reads of its libraries.
     predict: bool = True
     # Fetch and unpack layers that are not in zest's format (so containerd downloads nothing).
     unpack: bool = True
