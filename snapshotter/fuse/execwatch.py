@@ -31,6 +31,8 @@ class ExecWatch:
         self._seen: set[tuple[str, int]] = set()
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="zest-exec")
+        self.programs = 0  # ELF files whose libraries were sent for (the stats op shows it)
+        self.chunks = 0
 
     def watch(self, predictor: Predictor) -> None:
         """Watch the layers of an image. A layer shared by several images resolves
@@ -71,6 +73,9 @@ class ExecWatch:
             chunks = predictor.loader_chunks([found, *libs])
             if chunks:
                 self.fetch(chunks)
+            with self._lock:
+                self.programs += 1
+                self.chunks += len(chunks)
             log.debug("exec prefetch", extra={"kv": {"path": found.path, "libraries": len(libs),
                                                      "chunks": len(chunks)}})
         except Exception as exc:  # a guess: reads fetch what it misses

@@ -282,6 +282,8 @@ class Server:
         f, c = self.fetcher.stats, self.cache.stats()
         return {"fetch": dataclasses.asdict(f), "cache": dataclasses.asdict(c),
                 "kernel": kernelcaps.status(), "readlinks": self.ops.readlinks,
+                "execwatch": {"programs": self.execwatch.programs,
+                              "chunks": self.execwatch.chunks},
                 "pid": os.getpid()}
 
     def op_prune(self, req: dict[str, Any]) -> dict[str, Any]:

@@ -43,6 +43,45 @@ def test_predicted_files_match_ldd(node_factory: Callable[..., Node], python_ima
     assert "/etc/passwd" in predicted
 
 
+def _layers(node: Node) -> list[str]:
+    return [x["name"] for x in sorted(node.fuse_call("list")["layers"], key=lambda x: x["slot"])]
+
+
+def test_a_shell_cmd_predicts_the_programs_its_script_runs(
+        node_factory: Callable[..., Node], python_image: str) -> None:
+    """A Dockerfile's shell-form CMD is `/bin/sh -c "..."`: the programs the script runs are
+    what to prefetch, not only the shell."""
+    node = node_factory()
+    node.pull(python_image)
+    from snapshotter.fuse.protocol import call
+
+    reply = call(str(node.zsd.root / "fuse" / "control.sock"),
+                 {"op": "predict", "layers": _layers(node),
+                  "argv": ["/bin/sh", "-c", "cd /tmp && X=1 exec python3 -c 'print(1)'"],
+                  "env": ["PATH=/usr/local/bin:/usr/bin:/bin"]})
+    found = set(reply["files"]) | set(reply["libraries"])
+    expected = _ldd(node, python_image, "$(command -v python3)")
+    assert expected <= found, expected - found
+    assert not any(p.endswith(("/cd", "/exec")) for p in found)
+
+
+def test_a_program_started_in_a_container_has_its_libraries_fetched(
+        node_factory: Callable[..., Node], python_image: str) -> None:
+    """The image's Cmd is python3, but the container runs ls: its libraries (libselinux,
+    libpcre2) are found as it starts, and the loader's share of them sent for at once."""
+    for predict in (True, False):
+        node = node_factory(extra_config=f"predict = {str(predict).lower()}\n")
+        node.pull(python_image)
+        before = node.fuse_call("stats")["execwatch"]
+        assert node.run(python_image, "ls", "/usr").split()[:1] == ["bin"]
+        after = node.fuse_call("stats")["execwatch"]
+        if predict:
+            assert after["programs"] > before["programs"]
+            assert after["chunks"] > before["chunks"]
+        else:  # nothing predicted: nothing watched
+            assert after == {"programs": 0, "chunks": 0}
+
+
 def _quiet(node: Node, seconds: float = 1.5, timeout: float = 60) -> None:
     """Wait until the FUSE process has fetched nothing for `seconds` (prefetch done)."""
     import time

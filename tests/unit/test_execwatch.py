@@ -163,6 +163,7 @@ def test_a_program_starting_fetches_its_libraries_loader_chunks(tmp_path: Path) 
     touched = {files[by_entry[r.blob_offset]] for _, r in fetched
                if by_entry.get(r.blob_offset) in files}
     assert touched == set(files.values())  # both libraries, found as the loader finds them
+    assert watch.programs == 1 and watch.chunks == len(fetched)
 
 
 @needs_host_libs
