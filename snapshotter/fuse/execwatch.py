@@ -60,7 +60,7 @@ class ExecWatch:
                 return
             self._seen.add(key)
         e = layer.tree.entry(local)
-        if e is None or e.size < 64:
+        if e is None:
             return
         found = Found("/" + e.name.decode(errors="replace"), layer, local)
         self._pool.submit(self._prefetch, predictor, found)

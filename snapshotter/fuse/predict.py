@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from chunkstore._pb import toc_pb2
 from chunkstore.fetch import ChunkRef
 from snapshotter.fuse.layers import Layer
+from snapshotter.fuse.reader import SMALL_FILE
 from snapshotter.fuse.tree import OPAQUE_XATTR
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,6 @@ LIB_DIRS = ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib/aarch64-
 _MAX_FILES = 128
 _PF_X, _PF_W = 1, 2
 _PARSE_PARALLEL = 8
-_SMALL_FILE = 1 << 20  # fetched whole
 _LOADER_CAP = 4 << 20  # of one segment: past that, a table is read sparsely
 # what CPython imports before running user code (site, encodings, io machinery)
 _PYTHON_STARTUP = ("abc", "codecs", "encodings/__init__", "encodings/aliases", "encodings/utf_8",
@@ -376,9 +376,11 @@ class Predictor:
         """Passes each file's ELF interpreter and DT_NEEDED libraries to `add`. The files are
         parsed in parallel: each parse waits for a chunk or two from the registry, and a
         program's libraries are known only once those are in."""
-        with ThreadPoolExecutor(max_workers=_PARSE_PARALLEL) as pool:
-            elfs = list(pool.map(self.elf, files))
-        for f, elf in zip(files, elfs, strict=True):
+        todo = [f for f in files if _key(f) not in self._elfs]  # the rest were parsed before
+        if len(todo) > 1:
+            with ThreadPoolExecutor(max_workers=_PARSE_PARALLEL) as pool:
+                list(pool.map(self.elf, todo))
+        for f, elf in zip(files, map(self.elf, files), strict=True):
             if elf is None:
                 continue
             found = [self.view.lookup(elf.interp)] if elf.interp else []
@@ -406,7 +408,7 @@ class Predictor:
             if elf is None:
                 continue
             size = f.entry.size
-            spans = [(0, size)] if size <= _SMALL_FILE else elf.loader
+            spans = [(0, size)] if size <= SMALL_FILE else elf.loader
             for off, n in spans:
                 for ref in f.layer.tree.chunks_for(f.local, off, n)[1]:
                     out.setdefault((id(f.layer), ref.blob_offset), (f.layer, ref))

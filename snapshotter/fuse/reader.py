@@ -22,7 +22,7 @@ from snapshotter.metrics import READ_LATENCY
 log = logging.getLogger(__name__)
 
 
-_SMALL_FILE = 1 << 20
+SMALL_FILE = 1 << 20  # fetched whole at its first miss (and by prediction)
 WholeFile = Callable[[list[tuple[Layer, ChunkRef]]], None]
 
 
@@ -45,7 +45,7 @@ class Reader:
         tree = layer.tree
         parent = tree.nodes[local].parent
         mine = tree.entry(local)
-        if (not self.directory or mine is None or mine.size > _SMALL_FILE
+        if (not self.directory or mine is None or mine.size > SMALL_FILE
                 or parent in layer.dirs_fetched):
             return []
         layer.dirs_fetched.add(parent)
@@ -55,7 +55,7 @@ class Reader:
         refs: dict[bytes, ChunkRef] = {}
         for ino in children.values():
             e = tree.entry(ino)
-            if ino == local or e is None or e.type != toc_pb2.REG or e.size > _SMALL_FILE:
+            if ino == local or e is None or e.type != toc_pb2.REG or e.size > SMALL_FILE:
                 continue
             for c in e.chunks:
                 if c.digest not in skip and not self.fetcher.is_cached(ref := chunk_ref(c)):
@@ -74,7 +74,7 @@ class Reader:
         """Whether a file has shown that it will be read through: small ones at once, large
         ones after misses in a sixteenth of their chunks (a program maps and touches most of
         its binary; a sparse data file, such as ICU's, stays sparse)."""
-        if size <= _SMALL_FILE:
+        if size <= SMALL_FILE:
             return True
         misses = layer.file_misses[local] = layer.file_misses.get(local, 0) + 1
         return misses >= max(2, chunks // 16)
