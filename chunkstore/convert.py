@@ -25,6 +25,10 @@ from chunkstore._pb import toc_pb2
 from chunkstore.chunker import DEFAULT_PARAMS, ChunkerParams, iter_chunks
 from chunkstore.digest import Digest
 
+# The chunks' zstd level. Measured on the benchmark images' package layers (99-322 MB of tar):
+# 18 makes blobs 14-15% smaller than 3, as small as 19 at half its CPU (about 10 MB/s per
+# core), and decompresses as fast. Conversion is paid once; every lazy fetch reads fewer bytes.
+DEFAULT_LEVEL = 18
 # Metadata (headers, padding) is gathered into frames of at most this size.
 _META_FRAME_MAX = 1024 * 1024
 # Bound on uncompressed bytes waiting in the pool: memory stays flat on big layers.
@@ -158,7 +162,7 @@ def convert_tar(
     src: BinaryIO,
     dst: BinaryIO,
     *,
-    level: int = 3,
+    level: int = DEFAULT_LEVEL,
     threads: int = 0,
     params: ChunkerParams = DEFAULT_PARAMS,
     progress: Callable[[int], None] | None = None,

@@ -42,7 +42,9 @@ def _add_convert(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--plain-http", action="store_true", help="use http for registries")
-    p.add_argument("--level", type=int, default=3, help="zstd level (default 3)")
+    p.add_argument("--level", type=int, choices=range(1, 23), metavar="1-22",
+                   help="zstd level of the chunks (default 18: 14-15%% fewer bytes to fetch "
+                        "than 3, at about 10 MB/s of tar per core; 3 converts 20x faster)")
     p.add_argument("--threads", type=int, default=0, help="compression threads (0: all cores)")
     p.add_argument("--chunk-kb", type=_chunk_kb, default=256,
                    help="average chunk size in KiB, a power of two (default 256); chunks are "

@@ -19,7 +19,7 @@ from typing import Any
 
 from chunkstore import format as fmt
 from chunkstore.chunker import DEFAULT_PARAMS, ChunkerParams
-from chunkstore.convert import LayerResult, convert_tar
+from chunkstore.convert import DEFAULT_LEVEL, LayerResult, convert_tar
 from chunkstore.digest import Digest
 from chunkstore.errors import ChunkstoreError, FormatError
 from snapshotter.image import store as st
@@ -41,7 +41,7 @@ class ConvertError(Exception):
 
 @dataclass
 class ConvertOptions:
-    level: int = 3
+    level: int = DEFAULT_LEVEL
     threads: int = 0
     progress: bool = True
     tmpdir: str | None = None
@@ -240,7 +240,7 @@ def run_convert(args: argparse.Namespace) -> int:
         try:
             tag = None if dst_ref.startswith("sha256:") else dst_ref
             avg = args.chunk_kb << 10
-            opts = ConvertOptions(level=args.level, threads=args.threads,
+            opts = ConvertOptions(level=args.level or DEFAULT_LEVEL, threads=args.threads,
                                   progress=not args.no_progress,
                                   chunking=ChunkerParams(avg // 4, avg, avg * 4))
             started = time.monotonic()
