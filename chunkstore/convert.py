@@ -24,11 +24,15 @@ from chunkstore import tarstream
 from chunkstore._pb import toc_pb2
 from chunkstore.chunker import DEFAULT_PARAMS, ChunkerParams, iter_chunks
 from chunkstore.digest import Digest
+from chunkstore.elf import parse_elf, reader_of
 
 # The chunks' zstd level. Measured on the benchmark images' package layers (99-322 MB of tar):
 # 18 makes blobs 14-15% smaller than 3, as small as 19 at half its CPU (about 10 MB/s per
 # core), and decompresses as fast. Conversion is paid once; every lazy fetch reads fewer bytes.
 DEFAULT_LEVEL = 18
+# ELF files up to this size are parsed for the TOC (their chunks are held until the end of the
+# file); larger ones are left to the snapshotter, which parses them from the chunks it fetches.
+ELF_SCAN_LIMIT = 256 << 20
 # Metadata (headers, padding) is gathered into frames of at most this size.
 _META_FRAME_MAX = 1024 * 1024
 # Bound on uncompressed bytes waiting in the pool: memory stays flat on big layers.
@@ -174,7 +178,7 @@ def convert_tar(
     tar_hash = hashlib.sha256()
     reader = tarstream.TarReader(src, on_bytes=tar_hash.update)
     frames = _Frames(dst, level, threads or os.cpu_count() or 1)
-    toc = toc_pb2.TOC(version=fmt.TOC_VERSION)
+    toc = toc_pb2.TOC(version=fmt.TOC_VERSION, elf_scan_limit=ELF_SCAN_LIMIT)
     meta = bytearray()
     nchunks = 0
     try:
@@ -190,11 +194,18 @@ def convert_tar(
                     frames.submit(bytes(meta), None)
                     meta.clear()
                 file_off = 0
+                held: list[bytes] | None = [] if entry.size <= ELF_SCAN_LIMIT else None
                 for data in iter_chunks(reader.read_data, entry.size, params):
                     chunk = pe.chunks.add(file_offset=file_off, size=len(data))
                     frames.submit(data, chunk)
                     file_off += len(data)
                     nchunks += 1
+                    if held is not None and (held or data[:4] == b"\x7fELF"):
+                        held.append(data)
+                    else:
+                        held = None
+                if held and (elf := parse_elf(reader_of(held))) is not None:
+                    pe.elf.CopyFrom(elf.to_proto())
                 if progress is not None:
                     progress(reader.offset)
             elif len(meta) >= _META_FRAME_MAX:

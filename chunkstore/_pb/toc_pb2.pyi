@@ -47,7 +47,7 @@ class Xattr(_message.Message):
     def __init__(self, name: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
 
 class Entry(_message.Message):
-    __slots__ = ("name", "type", "mode", "uid", "gid", "uname", "gname", "size", "mtime", "mtime_nsec", "linkname", "devmajor", "devminor", "xattrs", "chunks", "header_offset")
+    __slots__ = ("name", "type", "mode", "uid", "gid", "uname", "gname", "size", "mtime", "mtime_nsec", "linkname", "devmajor", "devminor", "xattrs", "chunks", "header_offset", "elf")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +64,7 @@ class Entry(_message.Message):
     XATTRS_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     HEADER_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    ELF_FIELD_NUMBER: _ClassVar[int]
     name: bytes
     type: EntryType
     mode: int
@@ -80,7 +81,20 @@ class Entry(_message.Message):
     xattrs: _containers.RepeatedCompositeFieldContainer[Xattr]
     chunks: _containers.RepeatedCompositeFieldContainer[Chunk]
     header_offset: int
-    def __init__(self, name: _Optional[bytes] = ..., type: _Optional[_Union[EntryType, str]] = ..., mode: _Optional[int] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., uname: _Optional[str] = ..., gname: _Optional[str] = ..., size: _Optional[int] = ..., mtime: _Optional[int] = ..., mtime_nsec: _Optional[int] = ..., linkname: _Optional[bytes] = ..., devmajor: _Optional[int] = ..., devminor: _Optional[int] = ..., xattrs: _Optional[_Iterable[_Union[Xattr, _Mapping]]] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., header_offset: _Optional[int] = ...) -> None: ...
+    elf: Elf
+    def __init__(self, name: _Optional[bytes] = ..., type: _Optional[_Union[EntryType, str]] = ..., mode: _Optional[int] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., uname: _Optional[str] = ..., gname: _Optional[str] = ..., size: _Optional[int] = ..., mtime: _Optional[int] = ..., mtime_nsec: _Optional[int] = ..., linkname: _Optional[bytes] = ..., devmajor: _Optional[int] = ..., devminor: _Optional[int] = ..., xattrs: _Optional[_Iterable[_Union[Xattr, _Mapping]]] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., header_offset: _Optional[int] = ..., elf: _Optional[_Union[Elf, _Mapping]] = ...) -> None: ...
+
+class Elf(_message.Message):
+    __slots__ = ("interp", "needed", "runpath", "loader")
+    INTERP_FIELD_NUMBER: _ClassVar[int]
+    NEEDED_FIELD_NUMBER: _ClassVar[int]
+    RUNPATH_FIELD_NUMBER: _ClassVar[int]
+    LOADER_FIELD_NUMBER: _ClassVar[int]
+    interp: str
+    needed: _containers.RepeatedScalarFieldContainer[str]
+    runpath: _containers.RepeatedScalarFieldContainer[str]
+    loader: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, interp: _Optional[str] = ..., needed: _Optional[_Iterable[str]] = ..., runpath: _Optional[_Iterable[str]] = ..., loader: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class HotFrame(_message.Message):
     __slots__ = ("blob_offset", "compressed_size", "size", "digest")
@@ -109,7 +123,7 @@ class HotRange(_message.Message):
     def __init__(self, entry: _Optional[int] = ..., file_offset: _Optional[int] = ..., length: _Optional[int] = ..., frame: _Optional[int] = ..., frame_offset: _Optional[int] = ...) -> None: ...
 
 class TOC(_message.Message):
-    __slots__ = ("version", "entries", "prefetch", "tar_size", "tar_digest", "hot_frames", "hot")
+    __slots__ = ("version", "entries", "prefetch", "tar_size", "tar_digest", "hot_frames", "hot", "elf_scan_limit")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     PREFETCH_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +131,7 @@ class TOC(_message.Message):
     TAR_DIGEST_FIELD_NUMBER: _ClassVar[int]
     HOT_FRAMES_FIELD_NUMBER: _ClassVar[int]
     HOT_FIELD_NUMBER: _ClassVar[int]
+    ELF_SCAN_LIMIT_FIELD_NUMBER: _ClassVar[int]
     version: int
     entries: _containers.RepeatedCompositeFieldContainer[Entry]
     prefetch: _containers.RepeatedScalarFieldContainer[int]
@@ -124,4 +139,5 @@ class TOC(_message.Message):
     tar_digest: bytes
     hot_frames: _containers.RepeatedCompositeFieldContainer[HotFrame]
     hot: _containers.RepeatedCompositeFieldContainer[HotRange]
-    def __init__(self, version: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[Entry, _Mapping]]] = ..., prefetch: _Optional[_Iterable[int]] = ..., tar_size: _Optional[int] = ..., tar_digest: _Optional[bytes] = ..., hot_frames: _Optional[_Iterable[_Union[HotFrame, _Mapping]]] = ..., hot: _Optional[_Iterable[_Union[HotRange, _Mapping]]] = ...) -> None: ...
+    elf_scan_limit: int
+    def __init__(self, version: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[Entry, _Mapping]]] = ..., prefetch: _Optional[_Iterable[int]] = ..., tar_size: _Optional[int] = ..., tar_digest: _Optional[bytes] = ..., hot_frames: _Optional[_Iterable[_Union[HotFrame, _Mapping]]] = ..., hot: _Optional[_Iterable[_Union[HotRange, _Mapping]]] = ..., elf_scan_limit: _Optional[int] = ...) -> None: ...

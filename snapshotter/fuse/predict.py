@@ -7,8 +7,9 @@ merged layers), its ELF interpreter and the shared libraries it needs
 modules it imports at start. The guess is a list of whole files; the
 prefetcher fetches them at once, in parallel, before the workload asks. The
 libraries those libraries need are found too (`libraries`) but left to the
-ordinary read path. Reading ELF headers fetches (and verifies) the chunks that hold them
-through the ordinary read path.
+ordinary read path. What the loader needs of an ELF file comes from the TOC, where the
+converter recorded it; for layers converted before that, reading the headers fetches (and
+verifies) the chunks that hold them through the ordinary read path.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import shlex
 import struct
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from chunkstore._pb import toc_pb2
+from chunkstore.elf import Elf, parse_elf
 from chunkstore.fetch import ChunkRef
 from snapshotter.fuse.layers import Layer
 from snapshotter.fuse.reader import SMALL_FILE
@@ -34,9 +36,7 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 LIB_DIRS = ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib/aarch64-linux-gnu",
             "/usr/lib/aarch64-linux-gnu", "/lib64", "/usr/lib64", "/lib", "/usr/lib")
 _MAX_FILES = 128
-_PF_X, _PF_W = 1, 2
 _PARSE_PARALLEL = 8
-_LOADER_CAP = 4 << 20  # of one segment: past that, a table is read sparsely
 # what CPython imports before running user code (site, encodings, io machinery)
 _PYTHON_STARTUP = ("abc", "codecs", "encodings/__init__", "encodings/aliases", "encodings/utf_8",
                    "io", "site", "os", "stat", "posixpath", "genericpath", "_collections_abc",
@@ -143,70 +143,6 @@ class MergedView:
                 continue
             cur = nxt
         return None
-
-
-@dataclass
-class Elf:
-    interp: str | None
-    needed: list[str]
-    runpath: list[str]
-    # file ranges the dynamic loader reads or relocates before the program runs: the headers,
-    # the first segment when it holds no code (symbol, string, hash and relocation tables in
-    # today's layouts), the dynamic section and the writable segments
-    loader: list[tuple[int, int]] = field(default_factory=list)
-
-
-def parse_elf(read: Callable[[int, int], bytes]) -> Elf | None:
-    """Interpreter, DT_NEEDED and RPATH/RUNPATH of a 64-bit little-endian ELF file."""
-    head = read(0, 64)
-    if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
-        return None
-    phoff, = struct.unpack_from("<Q", head, 32)
-    phentsize, phnum = struct.unpack_from("<HH", head, 54)
-    if phentsize < 56 or phnum > 256:
-        return None
-    ph = read(phoff, phentsize * phnum)
-    loads: list[tuple[int, int, int]] = []
-    loader = [(0, phoff + phentsize * phnum)]
-    interp = None
-    dynamic = None
-    for i in range(phnum):
-        p_type, p_flags, p_offset, p_vaddr, _, p_filesz = struct.unpack_from(
-            "<IIQQQQ", ph, i * phentsize)
-        if p_type == 1:
-            if (not loads and not p_flags & _PF_X) or p_flags & _PF_W:
-                loader.append((p_offset, min(p_filesz, _LOADER_CAP)))
-            loads.append((p_vaddr, p_offset, p_filesz))
-        elif p_type == 3:
-            interp = read(p_offset, p_filesz).split(b"\0")[0].decode(errors="replace")
-        elif p_type == 2:
-            dynamic = (p_offset, p_filesz)
-            loader.append(dynamic)
-    if dynamic is None:
-        return Elf(interp, [], [], loader)
-    dyn = read(*dynamic)
-    tags: list[tuple[int, int]] = []
-    for i in range(0, len(dyn) - 15, 16):
-        tag, val = struct.unpack_from("<qQ", dyn, i)
-        if tag == 0:
-            break
-        tags.append((tag, val))
-    strtab = next((v for t, v in tags if t == 5), None)
-    if strtab is None:
-        return Elf(interp, [], [], loader)
-    off = next((o + strtab - va for va, o, sz in loads if va <= strtab < va + sz), None)
-    if off is None:
-        return Elf(interp, [], [], loader)
-
-    def string(i: int) -> str:
-        # one name at a time: a C++ library's string table runs to megabytes
-        raw = read(off + i, 4096)
-        end = raw.find(b"\0")
-        return raw[:end if end >= 0 else len(raw)].decode(errors="replace")
-
-    needed = [string(v) for t, v in tags if t == 1]
-    runpath = [p for t, v in tags if t in (15, 29) for p in string(v).split(":") if p]
-    return Elf(interp, needed, runpath, loader)
 
 
 def shell_commands(script: str) -> list[str]:
@@ -316,8 +252,11 @@ class Predictor:
                 return f
         return None
 
-    def predict(self, argv: Sequence[str], env: Sequence[str], workdir: str = "/") -> list[Found]:
-        """The files the command will read first, in the order it will want them."""
+    def predict(self, argv: Sequence[str], env: Sequence[str], workdir: str = "/",
+                early: Callable[[list[Found]], None] | None = None) -> list[Found]:
+        """The files the command will read first, in the order it will want them. `early`
+        gets the runtime files and the programs as soon as they are known, before the
+        libraries are looked for (which reads /etc/ld.so.cache: a round trip)."""
         if not argv:
             return []
         first = self.which(argv[0], env, workdir)
@@ -326,8 +265,15 @@ class Predictor:
         out: list[Found] = [first]
         seen = {_key(first)}
         add = _adder(out, seen)
+        runtime: list[Found] = []
+        for path in _RUNTIME_FILES:
+            hit = self.view.lookup(path)
+            if hit is not None and hit.entry.type == toc_pb2.REG and _key(hit) not in seen:
+                seen.add(_key(hit))
+                runtime.append(hit)
 
-        head = self._bytes(first, 0, 256)
+        # a script's interpreter is what runs (an ELF file known from the TOC is not read)
+        head = b"" if self.elf(first) is not None else self._bytes(first, 0, 256)
         if head.startswith(b"#!"):  # a script: its interpreter is what runs
             line = head[2:].split(b"\n")[0].decode(errors="replace").split()
             if line:
@@ -338,17 +284,13 @@ class Predictor:
             for name in shell_commands(argv[2]):  # a Dockerfile's shell-form CMD and the like
                 if name not in _BUILTINS:
                     add(self.which(name, env, workdir))
+        if early is not None:
+            early(runtime + out)
         # the libraries the program itself needs; theirs come from `libraries`
         self._needs(list(out), add)
         m = re.search(r"python(3\.\d+)", out[0].path)
         if m:
             self._python(m.group(1), add)
-        runtime: list[Found] = []
-        for path in _RUNTIME_FILES:
-            hit = self.view.lookup(path)
-            if hit is not None and hit.entry.type == toc_pb2.REG and _key(hit) not in seen:
-                seen.add(_key(hit))
-                runtime.append(hit)
         return runtime + out  # the runtime reads these before it executes anything
 
     def libraries(self, found: Sequence[Found]) -> list[Found]:
@@ -367,9 +309,14 @@ class Predictor:
         return out
 
     def elf(self, f: Found) -> Elf | None:
+        """From the TOC when the converter scanned the file, else parsed from its chunks."""
         key = _key(f)
         if key not in self._elfs:
-            self._elfs[key] = parse_elf(self._reader_of(f)) if f.entry.size >= 64 else None
+            e = f.entry
+            if e.size <= f.layer.tree.toc.elf_scan_limit:
+                self._elfs[key] = Elf.from_proto(e.elf, e.size) if e.HasField("elf") else None
+            else:
+                self._elfs[key] = parse_elf(self._reader_of(f)) if e.size >= 64 else None
         return self._elfs[key]
 
     def _needs(self, files: Sequence[Found], add: Callable[[Found | None], None]) -> None:

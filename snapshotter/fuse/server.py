@@ -42,7 +42,7 @@ from snapshotter.fuse.execwatch import ExecWatch
 from snapshotter.fuse.layers import FileSource, Layer, LayerSet, join_ino
 from snapshotter.fuse.ops import Operations
 from snapshotter.fuse.pagecache import PageCache, set_page_readahead
-from snapshotter.fuse.predict import MergedView, Predictor
+from snapshotter.fuse.predict import Found, MergedView, Predictor
 from snapshotter.fuse.prefetch import Prefetcher
 from snapshotter.fuse.reader import Reader
 from snapshotter.fuse.tree import LayerTree, chunk_ref
@@ -195,10 +195,17 @@ class Server:
 
         predictor = Predictor(view, read)
         self.execwatch.watch(predictor)  # the programs the entrypoint starts, as they start
+        sent: set[tuple[str, int]] = set()
+
+        def fetch_whole(files: list[Found]) -> None:
+            todo = [f for f in files if (f.layer.name, f.local) not in sent]
+            sent.update((f.layer.name, f.local) for f in todo)
+            self.prefetcher.fetch_files([(f.layer, r) for f in todo
+                                         for r in map(chunk_ref, f.entry.chunks)])
+
         found = predictor.predict(req.get("argv") or [], req.get("env") or [],
-                                  str(req.get("workdir") or "/"))
-        self.prefetcher.fetch_files([(f.layer, r) for f in found
-                                     for r in map(chunk_ref, f.entry.chunks)])
+                                  str(req.get("workdir") or "/"), early=fetch_whole)
+        fetch_whole(found)
         deeper = predictor.libraries(found)  # after the fetch is under way: more round trips
         # of those, what the loader reads: the rest they read thinly
         self.prefetcher.fetch_files(predictor.loader_chunks(deeper))

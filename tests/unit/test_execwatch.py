@@ -7,7 +7,7 @@ from __future__ import annotations
 import io
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -15,11 +15,12 @@ import pytest
 from chunkstore.cache import ChunkCache
 from chunkstore.chunker import ChunkerParams
 from chunkstore.convert import convert_tar
+from chunkstore.elf import Elf, parse_elf
 from chunkstore.fetch import ChunkRef, Fetcher
 from chunkstore.toc import load_toc, read_footer
 from snapshotter.fuse.execwatch import ExecWatch
 from snapshotter.fuse.layers import Layer
-from snapshotter.fuse.predict import MergedView, Predictor, parse_elf, shell_commands
+from snapshotter.fuse.predict import MergedView, Predictor, shell_commands
 from snapshotter.fuse.reader import Reader
 from snapshotter.fuse.tree import LayerTree
 from tests.support import ocibuild as ob
@@ -39,12 +40,29 @@ needs_host_libs = pytest.mark.skipif(
     or not Path("/bin/ls").exists(), reason="needs this machine's ls, libc and libselinux")
 
 
+@pytest.fixture(params=["scanned", "older-toc"])
+def toc_kind(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test twice: ELF facts from the TOC, and parsed from the chunks (a TOC written
+    before the converter recorded them)."""
+    global _SCANNED
+    _SCANNED = request.param == "scanned"
+    yield
+    _SCANNED = True
+
+
+_SCANNED = True
+
+
 def _layer(files: dict[str, bytes]) -> Layer:
     out = io.BytesIO()
     convert_tar(io.BytesIO(ob.make_tar(files)), out, params=SMALL_CHUNKS)  # type: ignore[arg-type]
     data = out.getvalue()
     toc = load_toc(lambda o, n: data[o:o + n], read_footer(lambda o, n: data[o:o + n],
                                                            len(data)))
+    if not _SCANNED:
+        toc.elf_scan_limit = 0
+        for e in toc.entries:
+            e.ClearField("elf")
     return Layer(name="1", slot=1, tree=LayerTree(toc), source=MultiBlob(data), what="test")
 
 
@@ -90,6 +108,44 @@ def test_loader_ranges_hold_headers_tables_and_writable_data() -> None:
 
 
 @needs_host_libs
+def test_the_converter_records_what_the_loader_needs_of_each_elf_file() -> None:
+    layer = _elf_layer()
+    toc = layer.tree.toc
+    assert toc.elf_scan_limit >= 64 << 20
+    by_name = {e.name.decode(): e for e in toc.entries}
+    for name, data in (("bin/ls", Path("/bin/ls").read_bytes()),
+                       (f"{LIBDIR[1:]}/libc.so.6", _host("libc.so.6"))):
+        parsed = parse_elf(lambda off, n, d=data: d[off:off + n])  # type: ignore[misc]
+        assert parsed is not None and by_name[name].HasField("elf")
+        assert Elf.from_proto(by_name[name].elf, len(data)) == parsed
+    assert not by_name["etc/motd"].HasField("elf")
+    # a file that only starts like ELF converts, without a record
+    broken = _layer({"bin/broken": b"\x7fELF" + bytes(40), "bin/ok": b"x"})
+    assert not any(e.HasField("elf") for e in broken.tree.toc.entries)
+
+
+@needs_host_libs
+@pytest.mark.usefixtures("toc_kind")
+def test_with_the_converters_record_finding_libraries_reads_nothing(tmp_path: Path) -> None:
+    layer = _elf_layer()
+    pred = _predictor(layer, tmp_path)
+    found = [f.path for f in pred.predict(["ls"], ["PATH=/bin"])]
+    assert f"{LIBDIR}/libselinux.so.1" in found and f"{LIBDIR}/libc.so.6" in found
+    source = layer.source
+    assert isinstance(source, MultiBlob)
+    reads = len(source.requests) + len(source.multi_calls)
+    assert (reads == 0) == _SCANNED  # an older TOC: the headers come from the registry
+
+
+def test_a_toc_claiming_more_than_a_file_holds_is_kept_inside_it() -> None:
+    msg = Elf("/lib/ld.so", ["libc.so.6"], [], [(0, 64), (900, 500), (5000, 10)]).to_proto()
+    got = Elf.from_proto(msg, 1000)
+    assert got.loader == [(0, 64), (900, 100)]
+    assert got.needed == ["libc.so.6"] and got.interp == "/lib/ld.so"
+
+
+@needs_host_libs
+@pytest.mark.usefixtures("toc_kind")
 def test_loader_chunks_are_a_large_library_in_part_and_a_small_one_whole(
         tmp_path: Path) -> None:
     layer = _elf_layer()
@@ -115,6 +171,7 @@ def test_loader_chunks_are_a_large_library_in_part_and_a_small_one_whole(
 
 
 @needs_host_libs
+@pytest.mark.usefixtures("toc_kind")
 def test_predict_follows_the_commands_of_a_shell_cmd(tmp_path: Path) -> None:
     layer = _layer({"bin/sh": b"#!fake shell\n", "usr/bin/gcc": Path("/bin/ls").read_bytes(),
                     "opt/app": b"app", f"{LIBDIR[1:]}/libc.so.6": _host("libc.so.6"),
@@ -150,6 +207,7 @@ def _settle(cond: Callable[[], bool], timeout: float = 10.0) -> None:
 
 
 @needs_host_libs
+@pytest.mark.usefixtures("toc_kind")
 def test_a_program_starting_fetches_its_libraries_loader_chunks(tmp_path: Path) -> None:
     layer = _elf_layer()
     watch, fetched = _watch(layer, tmp_path)
@@ -167,6 +225,7 @@ def test_a_program_starting_fetches_its_libraries_loader_chunks(tmp_path: Path) 
 
 
 @needs_host_libs
+@pytest.mark.usefixtures("toc_kind")
 def test_execwatch_looks_once_and_only_at_watched_elf_files(tmp_path: Path) -> None:
     layer = _elf_layer()
     watch, fetched = _watch(layer, tmp_path)

@@ -10,9 +10,10 @@ import pytest
 
 from chunkstore import format as fmt
 from chunkstore.convert import convert_tar
+from chunkstore.elf import parse_elf
 from chunkstore.toc import load_toc, read_footer
 from snapshotter.fuse.layers import FileSource, Layer
-from snapshotter.fuse.predict import MergedView, parse_elf, parse_ld_so_cache
+from snapshotter.fuse.predict import MergedView, parse_ld_so_cache
 from snapshotter.fuse.tree import LayerTree
 
 
