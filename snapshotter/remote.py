@@ -112,6 +112,8 @@ class RemoteLayers:
         # for an image's layers one by one, and each would resolve the tag again (a round trip)
         self._resolved: dict[tuple[str, str, str], tuple[float, str]] = {}
         self._toc_jobs: dict[str, Future[None]] = {}  # by TOC digest hex, while in flight
+        # image configs for the prediction, fetched with the first layer's TOC: by digest
+        self._config_jobs: OrderedDict[str, Future[dict[str, Any]]] = OrderedDict()
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="zest-remote")
         self._lock = threading.Lock()
 
@@ -245,6 +247,8 @@ class RemoteLayers:
             # the profile lookup (one round trip, usually a 404) overlaps the TOC fetch
             profile_job = self._pool.submit(self._profile, client, ref.repository,
                                             manifest_digest)
+            if self.predict:  # the guess needs the config: not a round trip later
+                self._config_soon(client, ref.repository, manifest)
             # containerd asks for the layers one by one; fetch the later ones' TOCs meanwhile
             for n, later in enumerate(layers[index + 1:], index + 2):
                 later_footer = fmt.footer_from_annotations(later.get("annotations") or {})
@@ -284,11 +288,23 @@ class RemoteLayers:
                   if x.get("digest")}
         return [served[d["digest"]] for d in manifest["layers"] if d["digest"] in served]
 
+    def _config_soon(self, client: RegistryClient, repo: str,
+                     manifest: dict[str, Any]) -> Future[dict[str, Any]]:
+        digest = manifest["config"]["digest"]
+        with self._lock:
+            job = self._config_jobs.get(digest)
+            if job is None or (job.done() and job.exception() is not None):  # failed: again
+                job = self._config_jobs[digest] = self._pool.submit(
+                    self._config, client, repo, manifest)
+                while len(self._config_jobs) > 16:
+                    self._config_jobs.popitem(last=False)
+            return job
+
     def _predict(self, client: RegistryClient, repo: str, manifest: dict[str, Any],
                  names: list[str]) -> None:
         """The top layer is in place: let the FUSE process guess what the entrypoint reads."""
         try:
-            config = self._config(client, repo, manifest).get("config") or {}
+            config = self._config_soon(client, repo, manifest).result().get("config") or {}
             argv = (config.get("Entrypoint") or []) + (config.get("Cmd") or [])
             self.fuse.call("predict", layers=names, argv=argv, env=config.get("Env") or [],
                            workdir=config.get("WorkingDir") or "/")
