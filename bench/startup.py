@@ -46,6 +46,7 @@ from typing import Any
 
 from bench.common import ZEST, drop_caches, zest_node
 from bench.workloads import WORKLOADS, Workload
+from chunkstore.convert import DEFAULT_LEVEL
 from tests.support import images
 from tests.support.containerd import Containerd
 from tests.support.linkproxy import LinkProxy
@@ -208,7 +209,7 @@ def _targets(main: dict[str, Any]) -> list[str]:
     best = ", ".join(f"{name} {r['overlayfs']['first_output_s'] / r['limit_s']:.1f}x"
                      for name, r in main.items())
     lines.append(f"- Overlayfs over the physical limit, the most zest could gain while it moves "
-                 f"these bytes (chunks of 256 KiB, zstd -3): {best}")
+                 f"these bytes (chunks of 256 KiB, zstd -{DEFAULT_LEVEL}): {best}")
     return lines
 
 
