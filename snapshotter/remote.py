@@ -112,7 +112,8 @@ class RemoteLayers:
         # for an image's layers one by one, and each would resolve the tag again (a round trip)
         self._resolved: dict[tuple[str, str, str], tuple[float, str]] = {}
         self._toc_jobs: dict[str, Future[None]] = {}  # by TOC digest hex, while in flight
-        # image configs for the prediction, fetched with the first layer's TOC: by digest
+        # image configs by digest: for the prediction, fetched with the first lazy layer's
+        # TOC, and for each unpacked layer's DiffID, fetched once per image
         self._config_jobs: OrderedDict[str, Future[dict[str, Any]]] = OrderedDict()
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="zest-remote")
         self._lock = threading.Lock()
@@ -257,7 +258,7 @@ class RemoteLayers:
                                     profile_job, f"{req.image_ref} layer {n}/{len(layers)} "
                                     f"{later['digest']}")
         if footer is None:
-            config = self._config(client, ref.repository, manifest)
+            config = self._config_soon(client, ref.repository, manifest).result()
             state = self._unpack(client, ref.repository, manifest, config, index, mountpoint,
                                  what)
         else:

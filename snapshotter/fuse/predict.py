@@ -272,7 +272,7 @@ class Predictor:
                 seen.add(_key(hit))
                 runtime.append(hit)
 
-        # a script's interpreter is what runs (an ELF file known from the TOC is not read)
+        # an ELF file known from the TOC is not read for a "#!" line
         head = b"" if self.elf(first) is not None else self._bytes(first, 0, 256)
         if head.startswith(b"#!"):  # a script: its interpreter is what runs
             line = head[2:].split(b"\n")[0].decode(errors="replace").split()
