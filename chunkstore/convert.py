@@ -24,7 +24,7 @@ from chunkstore import tarstream
 from chunkstore._pb import toc_pb2
 from chunkstore.chunker import DEFAULT_PARAMS, ChunkerParams, iter_chunks
 from chunkstore.digest import Digest
-from chunkstore.elf import parse_elf, reader_of
+from chunkstore.elf import named_paths, parse_elf, reader_of
 
 # The chunks' zstd level. Measured on the benchmark images' package layers (99-322 MB of tar):
 # 18 makes blobs 14-15% smaller than 3, as small as 19 at half its CPU (about 10 MB/s per
@@ -204,7 +204,8 @@ def convert_tar(
                         held.append(data)
                     else:
                         held = None
-                if held and (elf := parse_elf(reader_of(held))) is not None:
+                if held and (elf := parse_elf(reader_of(held), sections=True)) is not None:
+                    elf.paths = named_paths(held)
                     pe.elf.CopyFrom(elf.to_proto())
                 if progress is not None:
                     progress(reader.offset)

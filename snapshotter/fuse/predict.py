@@ -3,9 +3,11 @@
 From the image config's Entrypoint/Cmd: the binary (found through PATH in the
 merged layers), its ELF interpreter and the shared libraries it needs
 (DT_NEEDED, searched as the dynamic loader would: RPATH/RUNPATH,
-/etc/ld.so.cache, the default directories), and for a Python interpreter the
-modules it imports at start. The guess is a list of whole files; the
-prefetcher fetches them at once, in parallel, before the workload asks. The
+/etc/ld.so.cache, the default directories), the files they name by absolute path
+(nodejs's bundled modules, glibc's configuration), and for a Python interpreter
+the modules it imports at start. The guess is a list of whole files (less the
+unwinding tables of ELF files); the prefetcher fetches them at once, in
+parallel, before the workload asks. The
 libraries those libraries need are found too (`libraries`) but left to the
 ordinary read path. What the loader needs of an ELF file comes from the TOC, where the
 converter recorded it; for layers converted before that, reading the headers fetches (and
@@ -36,6 +38,9 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 LIB_DIRS = ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib/aarch64-linux-gnu",
             "/usr/lib/aarch64-linux-gnu", "/lib64", "/usr/lib64", "/lib", "/usr/lib")
 _MAX_FILES = 128
+# a file an ELF file names (Elf.paths) is fetched whole up to this size; a bigger one (a locale
+# archive) is read thinly
+_NAMED_FILE_MAX = 1 << 20
 _PARSE_PARALLEL = 8
 # what CPython imports before running user code (site, encodings, io machinery)
 _PYTHON_STARTUP = ("abc", "codecs", "encodings/__init__", "encodings/aliases", "encodings/utf_8",
@@ -72,9 +77,13 @@ class Found:
 
     @property
     def entry(self) -> toc_pb2.Entry:
+        """The file's TOC entry; a directory the tar has no entry for (its files imply it)
+        reads as an empty one."""
         e = self.layer.tree.entry(self.local)
-        assert e is not None
-        return e
+        return e if e is not None else _IMPLIED_DIR
+
+
+_IMPLIED_DIR = toc_pb2.Entry(type=toc_pb2.DIR)
 
 
 def _key(f: Found) -> tuple[int, int]:
@@ -236,12 +245,15 @@ class Predictor:
                 return f
         return None
 
-    def library(self, name: str, runpath: Sequence[str], origin: str) -> Found | None:
+    def library(self, name: str, runpath: Sequence[str], origin: str,
+                cache: bool = True) -> Found | None:
+        """Where the loader finds `name`. Without `cache`, /etc/ld.so.cache is not read (a
+        round trip on a cold layer) and the default directories answer: a guess."""
         for d in runpath:
             f = self.view.lookup(f"{d.replace('$ORIGIN', origin)}/{name}")
             if f is not None:
                 return f
-        cached = self._ld_cache().get(name)
+        cached = self._ld_cache().get(name) if cache else None
         if cached:
             f = self.view.lookup(cached)
             if f is not None:
@@ -285,13 +297,50 @@ class Predictor:
                 if name not in _BUILTINS:
                     add(self.which(name, env, workdir))
         if early is not None:
-            early(runtime + out)
+            # with the libraries the TOC lets us guess before the loader cache is in
+            early(runtime + out + [lib for f in out for lib in self._guess_libraries(f)])
         # the libraries the program itself needs; theirs come from `libraries`
         self._needs(list(out), add)
+        for f in list(out):  # the files they name (a runtime's own modules, configuration)
+            self._named(f, add)
         m = re.search(r"python(3\.\d+)", out[0].path)
         if m:
             self._python(m.group(1), add)
         return runtime + out  # the runtime reads these before it executes anything
+
+    def _guess_libraries(self, f: Found) -> list[Found]:
+        """`f`'s interpreter and libraries found without the loader cache, when the TOC has its
+        ELF facts (nothing is fetched for the guess)."""
+        elf = self._known_elf(f)
+        if elf is None:
+            return []
+        found = [self.view.lookup(elf.interp)] if elf.interp else []
+        origin = posixpath.dirname(f.path)
+        found += [self.library(name, elf.runpath, origin, cache=False) for name in elf.needed]
+        return [x for x in found if x is not None]
+
+    def _known_elf(self, f: Found) -> Elf | None:
+        """`elf(f)` when that costs no fetch: parsed before, or recorded in the TOC."""
+        if _key(f) in self._elfs or f.entry.size <= f.layer.tree.toc.elf_scan_limit:
+            return self.elf(f)
+        return None
+
+    def _named(self, f: Found, add: Callable[[Found | None], None]) -> None:
+        elf = self._known_elf(f)
+        for path in elf.paths if elf is not None else []:
+            hit = self.view.lookup(path)
+            if hit is not None and hit.entry.type == toc_pb2.REG and (
+                    hit.entry.size <= _NAMED_FILE_MAX):
+                add(hit)
+
+    def chunks(self, f: Found) -> list[toc_pb2.Chunk]:
+        """The chunks of `f` a whole-file prefetch fetches: all but those that only hold
+        sections an exception reads (Elf.cold)."""
+        elf = self._known_elf(f)
+        if elf is None or not elf.cold:
+            return list(f.entry.chunks)
+        return [c for c in f.entry.chunks if not any(
+            off <= c.file_offset and c.file_offset + c.size <= off + n for off, n in elf.cold)]
 
     def libraries(self, found: Sequence[Found]) -> list[Found]:
         """The rest of what the loader maps for `found` (libraries of libraries, as `ldd`

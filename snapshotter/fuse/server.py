@@ -201,7 +201,7 @@ class Server:
             todo = [f for f in files if (f.layer.name, f.local) not in sent]
             sent.update((f.layer.name, f.local) for f in todo)
             self.prefetcher.fetch_files([(f.layer, r) for f in todo
-                                         for r in map(chunk_ref, f.entry.chunks)])
+                                         for r in map(chunk_ref, predictor.chunks(f))])
 
         found = predictor.predict(req.get("argv") or [], req.get("env") or [],
                                   str(req.get("workdir") or "/"), early=fetch_whole)

@@ -15,7 +15,7 @@ import pytest
 from chunkstore.cache import ChunkCache
 from chunkstore.chunker import ChunkerParams
 from chunkstore.convert import convert_tar
-from chunkstore.elf import Elf, parse_elf
+from chunkstore.elf import Elf, named_paths, parse_elf
 from chunkstore.fetch import ChunkRef, Fetcher
 from chunkstore.toc import load_toc, read_footer
 from snapshotter.fuse.execwatch import ExecWatch
@@ -115,9 +115,13 @@ def test_the_converter_records_what_the_loader_needs_of_each_elf_file() -> None:
     by_name = {e.name.decode(): e for e in toc.entries}
     for name, data in (("bin/ls", Path("/bin/ls").read_bytes()),
                        (f"{LIBDIR[1:]}/libc.so.6", _host("libc.so.6"))):
-        parsed = parse_elf(lambda off, n, d=data: d[off:off + n])  # type: ignore[misc]
+        parsed = parse_elf(lambda off, n, d=data: d[off:off + n],  # type: ignore[misc]
+                           sections=True)
         assert parsed is not None and by_name[name].HasField("elf")
+        parsed.paths = named_paths([data])
         assert Elf.from_proto(by_name[name].elf, len(data)) == parsed
+    libc = Elf.from_proto(by_name[f"{LIBDIR[1:]}/libc.so.6"].elf, 0)
+    assert "/etc/nsswitch.conf" in libc.paths  # glibc opens it by name
     assert not by_name["etc/motd"].HasField("elf")
     # a file that only starts like ELF converts, without a record
     broken = _layer({"bin/broken": b"\x7fELF" + bytes(40), "bin/ok": b"x"})
@@ -138,10 +142,45 @@ def test_with_the_converters_record_finding_libraries_reads_nothing(tmp_path: Pa
 
 
 def test_a_toc_claiming_more_than_a_file_holds_is_kept_inside_it() -> None:
-    msg = Elf("/lib/ld.so", ["libc.so.6"], [], [(0, 64), (900, 500), (5000, 10)]).to_proto()
+    msg = Elf("/lib/ld.so", ["libc.so.6"], [], [(0, 64), (900, 500), (5000, 10)],
+              [(800, 400)], ["/etc/a", "relative", "/x" * 200,
+                             *(f"/etc/f{i}" for i in range(100))]).to_proto()
     got = Elf.from_proto(msg, 1000)
-    assert got.loader == [(0, 64), (900, 100)]
+    assert got.loader == [(0, 64), (900, 100)] and got.cold == [(800, 200)]
     assert got.needed == ["libc.so.6"] and got.interp == "/lib/ld.so"
+    assert got.paths[0] == "/etc/a" and "relative" not in got.paths
+    assert all(len(p) < 256 for p in got.paths) and len(got.paths) <= 64
+
+
+@needs_host_libs
+def test_named_paths_are_found_across_chunk_boundaries() -> None:
+    data = b"\0/etc/one.conf\0junk\0/usr/share/app/two.js\0/etc/one.conf\0/home/x\0" + (
+        b"\0/etc/%s.conf\0/etc/a:/etc/b\0")
+    assert named_paths([data]) == ["/etc/one.conf", "/usr/share/app/two.js"]
+    for cut in range(1, len(data)):  # every split point, as chunk boundaries fall
+        assert named_paths([data[:cut], data[cut:]]) == named_paths([data])
+    libc = _host("libc.so.6")
+    assert named_paths([libc[i:i + 70_000] for i in range(0, len(libc), 70_000)]) == (
+        named_paths([libc]))
+
+
+@needs_host_libs
+def test_a_whole_file_prefetch_leaves_out_the_unwinding_tables(tmp_path: Path) -> None:
+    layer = _elf_layer()
+    pred = _predictor(layer, tmp_path)
+    libc = pred.view.lookup(f"{LIBDIR}/libc.so.6")
+    assert libc is not None
+    data = _host("libc.so.6")
+    elf = parse_elf(lambda off, n: data[off:off + n], sections=True)
+    assert elf is not None and elf.cold  # .eh_frame and .eh_frame_hdr at least
+    inside = [c for c in libc.entry.chunks if any(
+        o <= c.file_offset and c.file_offset + c.size <= o + n for o, n in elf.cold)]
+    assert inside  # with 64 KiB chunks, some hold nothing but unwinding tables
+    kept = pred.chunks(libc)
+    assert [c.blob_offset for c in kept] == [
+        c.blob_offset for c in libc.entry.chunks if c not in inside]
+    motd = pred.view.lookup("/etc/motd")
+    assert motd is not None and pred.chunks(motd) == list(motd.entry.chunks)
 
 
 @needs_host_libs
@@ -168,6 +207,36 @@ def test_loader_chunks_are_a_large_library_in_part_and_a_small_one_whole(
     assert pred.elf(ls) is not None
     assert {c.blob_offset for c in ls.entry.chunks} <= {
         r.blob_offset for _, r in pred.loader_chunks([ls])}  # a small ELF file: all of it
+
+
+@needs_host_libs
+@pytest.mark.usefixtures("toc_kind")
+def test_predict_fetches_the_files_a_program_names(tmp_path: Path) -> None:
+    layer = _layer({"bin/ls": Path("/bin/ls").read_bytes(),
+                    f"{LIBDIR[1:]}/libc.so.6": _host("libc.so.6"),
+                    f"{LIBDIR[1:]}/libselinux.so.1": _host("libselinux.so.1"),
+                    "etc/nsswitch.conf": b"passwd: files\n",  # libc names both
+                    "usr/share/locale/x/y": b"",  # /usr/share/locale: a dir with no entry
+                    "etc/protocols": os.urandom(2 << 20),  # too big to fetch whole
+                    "etc/motd": b"hello\n"})  # named by nobody
+    pred = _predictor(layer, tmp_path)
+    found = [f.path for f in pred.predict(["ls"], ["PATH=/bin"])]
+    # an older TOC has no record of the names: they would cost the whole file to find
+    assert ("/etc/nsswitch.conf" in found) == _SCANNED
+    assert "/etc/protocols" not in found and "/etc/motd" not in found
+
+
+@needs_host_libs
+@pytest.mark.usefixtures("toc_kind")
+def test_libraries_are_guessed_before_the_loader_cache_is_read(tmp_path: Path) -> None:
+    layer = _elf_layer()
+    pred = _predictor(layer, tmp_path)
+    early: list[str] = []
+    pred.predict(["ls"], ["PATH=/bin"], early=lambda fs: early.extend(f.path for f in fs))
+    # the program's record (from the TOC, or parsed for the "#!" check) names them; the
+    # default directories hold them: no loader cache needed
+    assert early[:1] == ["/bin/ls"] and f"{LIBDIR}/libc.so.6" in early
+    assert f"{LIBDIR}/libselinux.so.1" in early
 
 
 @needs_host_libs
