@@ -41,6 +41,9 @@ _MAX_FILES = 128
 # a file an ELF file names (Elf.paths) is fetched whole up to this size; a bigger one (a locale
 # archive) is read thinly
 _NAMED_FILE_MAX = 1 << 20
+# an ELF file naming more files than this that exist is a general-purpose library (the C
+# library names every configuration file one of its functions might open): none is fetched
+_NAMED_FILES = 8
 _PARSE_PARALLEL = 8
 # what CPython imports before running user code (site, encodings, io machinery)
 _PYTHON_STARTUP = ("abc", "codecs", "encodings/__init__", "encodings/aliases", "encodings/utf_8",
@@ -327,10 +330,11 @@ class Predictor:
 
     def _named(self, f: Found, add: Callable[[Found | None], None]) -> None:
         elf = self._known_elf(f)
-        for path in elf.paths if elf is not None else []:
-            hit = self.view.lookup(path)
-            if hit is not None and hit.entry.type == toc_pb2.REG and (
-                    hit.entry.size <= _NAMED_FILE_MAX):
+        hits = [hit for hit in map(self.view.lookup, elf.paths if elf is not None else [])
+                if hit is not None and hit.entry.type == toc_pb2.REG
+                and hit.entry.size <= _NAMED_FILE_MAX]
+        if len(hits) <= _NAMED_FILES:
+            for hit in hits:
                 add(hit)
 
     def chunks(self, f: Found) -> list[toc_pb2.Chunk]:

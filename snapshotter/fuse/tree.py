@@ -61,8 +61,12 @@ class LayerTree:
         self._chunk_offsets: array[int] | None = None
         self._chunk_where: array[int] | None = None
         self.hot = HotIndex(toc)  # checked here: a bad TOC is refused at mount, not at a read
+        # directory path -> inode while building: most entries share their parent with the
+        # one before, and walking from the root for each cost a third of the build
+        self._dirs: dict[bytes, int] = {b"": ROOT}
         for k, e in enumerate(toc.entries):
             self._add(k, e)
+        del self._dirs
 
     # -- building ----------------------------------------------------------
     def _dir_of(self, parts: list[bytes]) -> int:
@@ -81,14 +85,22 @@ class LayerTree:
             ino = child
         return ino
 
+    def _replacing(self, old: int | None) -> None:
+        """A name is about to point elsewhere: if it named a directory, the paths cached under
+        it are stale (rare: a later entry replacing a directory with a file or a link)."""
+        if old is not None and self.nodes[old].children is not None:
+            self._dirs = {b"": ROOT}
+
     def _add(self, k: int, e: toc_pb2.Entry) -> None:
         if not e.name:
             if e.type == toc_pb2.DIR:
                 self.nodes[ROOT].entry = k
                 self.nodes[ROOT].mode = stat.S_IFDIR | e.mode
             return
-        *dirs, base = e.name.split(b"/")
-        parent = self._dir_of(dirs)
+        dname, _, base = e.name.rpartition(b"/")
+        parent = self._dirs.get(dname)
+        if parent is None:
+            parent = self._dirs[dname] = self._dir_of(dname.split(b"/"))
         pnode = self.nodes[parent]
         assert pnode.children is not None
         if base == OPAQUE_NAME:
@@ -105,6 +117,7 @@ class LayerTree:
                 log.warning("hard link target missing; entry skipped",
                             extra={"kv": {"name": e.name, "target": e.linkname}})
                 return
+            self._replacing(pnode.children.get(base))
             pnode.children[base] = target
             self.nodes[target].nlink += 1
             return
@@ -121,6 +134,7 @@ class LayerTree:
             for c in node.children.values():
                 if self.nodes[c].parent == old:
                     self.nodes[c].parent = ino
+            self._dirs[e.name] = ino
         elif whiteout:
             node = Node(k, stat.S_IFCHR, parent, whiteout=True)
         elif e.type == toc_pb2.DIR:
@@ -129,6 +143,8 @@ class LayerTree:
             node = Node(k, _MODE_BITS[e.type] | e.mode, parent)
         if e.type == toc_pb2.DIR and not old_is_dir:
             pnode.nlink += 1
+        if not (e.type == toc_pb2.DIR and old_is_dir):
+            self._replacing(old)
         self.nodes[ino] = node
         pnode.children[base] = ino
 

@@ -224,6 +224,15 @@ def test_predict_fetches_the_files_a_program_names(tmp_path: Path) -> None:
     # an older TOC has no record of the names: they would cost the whole file to find
     assert ("/etc/nsswitch.conf" in found) == _SCANNED
     assert "/etc/protocols" not in found and "/etc/motd" not in found
+    # a library that names many files that exist (libc names each file one of its functions
+    # might open) says nothing about this program: none of them
+    named = {f"etc/{n}": b"x\n" for n in ("nsswitch.conf", "hosts", "gai.conf", "host.conf",
+                                           "networks", "rpc", "shells", "fstab", "ttys")}
+    many = _layer({"bin/ls": Path("/bin/ls").read_bytes(),
+                   f"{LIBDIR[1:]}/libc.so.6": _host("libc.so.6"),
+                   f"{LIBDIR[1:]}/libselinux.so.1": _host("libselinux.so.1"), **named})
+    found = [f.path for f in _predictor(many, tmp_path / "many").predict(["ls"], ["PATH=/bin"])]
+    assert not any(p.startswith("/etc/") for p in found)
 
 
 @needs_host_libs

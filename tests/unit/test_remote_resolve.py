@@ -1,4 +1,5 @@
-"""Tag resolution for labels that name only the image: once per image pull, not per layer."""
+"""Tag resolution for labels that name only the image (once per image pull, not per layer),
+and how a fetched TOC is checked before it is kept."""
 
 from __future__ import annotations
 
@@ -6,7 +7,12 @@ import json
 from pathlib import Path
 from typing import Any, cast
 
+import pytest
+
+from chunkstore import format as fmt
+from chunkstore._pb import toc_pb2
 from chunkstore.digest import Digest
+from chunkstore.errors import FormatError
 from snapshotter.image import store as st
 from snapshotter.remote import RemoteLayers
 
@@ -37,3 +43,40 @@ def test_a_tag_is_resolved_once_for_all_layers_of_an_image(tmp_path: Path) -> No
     assert moved != first and client.calls == ["1", "1"]
     assert remote._find_manifest(cast(Any, client), "app", "2", client.layers[0]) == moved
     assert client.calls == ["1", "1", "2"]  # another tag is another question
+
+
+def _toc_payload(chunk_end: int) -> tuple[bytes, fmt.Footer]:
+    toc = toc_pb2.TOC(version=fmt.TOC_VERSION, entries=[toc_pb2.Entry(
+        name=b"f", size=10, chunks=[toc_pb2.Chunk(file_offset=0, blob_offset=chunk_end - 5,
+                                                  compressed_size=5, size=10,
+                                                  digest=bytes(32))])])
+    payload = fmt.encode_toc(toc)
+    return payload, fmt.Footer(0, len(payload), Digest.of(payload))
+
+
+class TocClient:
+    def __init__(self, payload: bytes):
+        self.payload = payload
+
+    def read_range(self, repo: str, digest: str, offset: int, size: int) -> bytes:
+        return self.payload[offset:offset + size]
+
+
+def test_a_toc_is_warmed_while_checked_and_kept_only_if_it_passes(tmp_path: Path) -> None:
+    remote = RemoteLayers(tmp_path, cast(Any, None))
+    seen: list[tuple[Path, bytes]] = []
+
+    def warm(path: Path) -> None:
+        seen.append((path, path.read_bytes()))  # the FUSE process reads it by this name
+
+    good, footer = _toc_payload(chunk_end=100)
+    remote._fetch_toc(cast(Any, TocClient(good)), "app", {"digest": "x", "size": 100}, footer,
+                      warm)
+    assert seen and seen[0][1] == good
+    assert [p.name for p in remote.tocs.iterdir()] == [footer.toc_digest.hex]
+    bad, bad_footer = _toc_payload(chunk_end=200)  # a chunk past the end of a 100-byte blob
+    with pytest.raises(FormatError, match="past the end"):
+        remote._fetch_toc(cast(Any, TocClient(bad)), "app", {"digest": "x", "size": 100},
+                          bad_footer, warm)
+    assert len(seen) == 2 and seen[1][1] == bad
+    assert [p.name for p in remote.tocs.iterdir()] == [footer.toc_digest.hex]  # not kept
