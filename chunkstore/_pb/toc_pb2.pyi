@@ -85,20 +85,22 @@ class Entry(_message.Message):
     def __init__(self, name: _Optional[bytes] = ..., type: _Optional[_Union[EntryType, str]] = ..., mode: _Optional[int] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., uname: _Optional[str] = ..., gname: _Optional[str] = ..., size: _Optional[int] = ..., mtime: _Optional[int] = ..., mtime_nsec: _Optional[int] = ..., linkname: _Optional[bytes] = ..., devmajor: _Optional[int] = ..., devminor: _Optional[int] = ..., xattrs: _Optional[_Iterable[_Union[Xattr, _Mapping]]] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., header_offset: _Optional[int] = ..., elf: _Optional[_Union[Elf, _Mapping]] = ...) -> None: ...
 
 class Elf(_message.Message):
-    __slots__ = ("interp", "needed", "runpath", "loader", "paths", "cold")
+    __slots__ = ("interp", "needed", "runpath", "loader", "paths", "cold", "text")
     INTERP_FIELD_NUMBER: _ClassVar[int]
     NEEDED_FIELD_NUMBER: _ClassVar[int]
     RUNPATH_FIELD_NUMBER: _ClassVar[int]
     LOADER_FIELD_NUMBER: _ClassVar[int]
     PATHS_FIELD_NUMBER: _ClassVar[int]
     COLD_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
     interp: str
     needed: _containers.RepeatedScalarFieldContainer[str]
     runpath: _containers.RepeatedScalarFieldContainer[str]
     loader: _containers.RepeatedScalarFieldContainer[int]
     paths: _containers.RepeatedScalarFieldContainer[str]
     cold: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, interp: _Optional[str] = ..., needed: _Optional[_Iterable[str]] = ..., runpath: _Optional[_Iterable[str]] = ..., loader: _Optional[_Iterable[int]] = ..., paths: _Optional[_Iterable[str]] = ..., cold: _Optional[_Iterable[int]] = ...) -> None: ...
+    text: int
+    def __init__(self, interp: _Optional[str] = ..., needed: _Optional[_Iterable[str]] = ..., runpath: _Optional[_Iterable[str]] = ..., loader: _Optional[_Iterable[int]] = ..., paths: _Optional[_Iterable[str]] = ..., cold: _Optional[_Iterable[int]] = ..., text: _Optional[int] = ...) -> None: ...
 
 class HotFrame(_message.Message):
     __slots__ = ("blob_offset", "compressed_size", "size", "digest")

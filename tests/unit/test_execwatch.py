@@ -22,7 +22,7 @@ from snapshotter.fuse.execwatch import ExecWatch
 from snapshotter.fuse.layers import Layer
 from snapshotter.fuse.predict import MergedView, Predictor, shell_commands
 from snapshotter.fuse.reader import Reader
-from snapshotter.fuse.tree import LayerTree
+from snapshotter.fuse.tree import LayerTree, chunk_ref
 from tests.support import ocibuild as ob
 from tests.unit.test_fetch import MultiBlob
 
@@ -363,3 +363,55 @@ def test_the_directory_fetch_keeps_to_its_budget_and_can_be_off(tmp_path: Path) 
     reader.read(layer, h0, 0, 4096)
     own = {c.blob_offset for c in layer.tree.entry(h0).chunks}  # type: ignore[union-attr]
     assert {r.blob_offset for _, r in fetched} <= own  # the rest of the file at most
+
+
+@needs_host_libs
+@pytest.mark.usefixtures("toc_kind")
+def test_a_program_is_fetched_whole_sooner_than_a_large_data_file(tmp_path: Path) -> None:
+    libc = _host("libc.so.6")
+    layer = _layer({f"{LIBDIR[1:]}/libc.so.6": libc, "usr/share/data.bin": os.urandom(len(libc))})
+    fetched: Fetched = []
+    reader = Reader(Fetcher(ChunkCache(tmp_path / "cache", 10**8)), 0, whole_file=64 << 20,
+                    directory=0, on_miss=fetched.extend)
+
+    def misses_until_whole(path: str) -> int:
+        local = _local(layer, path)
+        entry = layer.tree.entry(local)
+        assert entry is not None and len(entry.chunks) >= 24
+        for n, c in enumerate(entry.chunks[::2], 1):  # reads far apart, each a miss
+            reader.read(layer, local, c.file_offset, 100)
+            if fetched:
+                fetched.clear()
+                return n
+        return 0
+
+    assert misses_until_whole(f"{LIBDIR[1:]}/libc.so.6") == 2  # code: read through
+    # data is read where it is needed (ICU's): a quarter of its chunks first; a layer
+    # converted before the converter recorded ELF facts cannot tell, and takes it for code
+    chunks = len(layer.tree.entry(_local(layer, "usr/share/data.bin")).chunks)  # type: ignore[union-attr]
+    assert misses_until_whole("usr/share/data.bin") == (chunks // 4 if _SCANNED else 2)
+
+
+@needs_host_libs
+@pytest.mark.usefixtures("toc_kind")
+def test_a_miss_in_a_large_data_file_brings_the_next_chunk_along(tmp_path: Path) -> None:
+    libc = _host("libc.so.6")
+    data = os.urandom(len(libc))
+    layer = _layer({f"{LIBDIR[1:]}/libc.so.6": libc, "usr/share/data.bin": data})
+    fetcher = Fetcher(ChunkCache(tmp_path / "cache", 10**8))
+    reader = Reader(fetcher, 0, whole_file=64 << 20, directory=0, on_miss=lambda _: None)
+    source = layer.source
+    assert isinstance(source, MultiBlob)
+    for path, along in (("usr/share/data.bin", _SCANNED), (f"{LIBDIR[1:]}/libc.so.6", False)):
+        local = _local(layer, path)
+        chunks = layer.tree.entry(local).chunks  # type: ignore[union-attr]
+        before = len(source.requests) + len(source.multi_calls)
+        reader.read(layer, local, chunks[5].file_offset, 100)
+        assert len(source.requests) + len(source.multi_calls) == before + 1  # one request
+        assert fetcher.is_cached(chunk_ref(chunks[5]))
+        assert fetcher.is_cached(chunk_ref(chunks[6])) == along
+        assert not fetcher.is_cached(chunk_ref(chunks[4])) and not fetcher.is_cached(
+            chunk_ref(chunks[7]))
+    local = _local(layer, "usr/share/data.bin")  # the last chunk: nothing after it to bring
+    at = layer.tree.entry(local).chunks[-1].file_offset  # type: ignore[union-attr]
+    assert reader.read(layer, local, at, 1 << 20) == data[at:]
