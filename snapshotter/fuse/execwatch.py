@@ -21,13 +21,17 @@ from snapshotter.fuse.predict import Found, Predictor
 
 log = logging.getLogger(__name__)
 
+_MAX_WATCHED = 1024  # layers
+
 Fetch = Callable[[list[tuple[Layer, ChunkRef]]], None]
 
 
 class ExecWatch:
     def __init__(self, fetch: Fetch, workers: int = 2):
         self.fetch = fetch
-        self._predictors: dict[str, Predictor] = {}  # layer name -> its image's, the latest
+        # layer (by object: a layer warmed ahead of its add has no name yet) -> the latest
+        # prediction of an image it belongs to
+        self._predictors: dict[int, Predictor] = {}
         self._seen: set[tuple[str, int]] = set()
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="zest-exec")
@@ -39,7 +43,9 @@ class ExecWatch:
         libraries in the last one watched: a guess either way, and only a prefetch."""
         with self._lock:
             for layer in predictor.view.layers:
-                self._predictors[layer.name] = predictor
+                self._predictors[id(layer)] = predictor
+            while len(self._predictors) > _MAX_WATCHED:  # images whose pull never finished
+                del self._predictors[next(iter(self._predictors))]
 
     def forget(self, name: str) -> None:
         with self._lock:
@@ -52,7 +58,7 @@ class ExecWatch:
         key = (layer.name, local)
         if key in self._seen:
             return
-        predictor = self._predictors.get(layer.name)
+        predictor = self._predictors.get(id(layer))
         if predictor is None:
             return
         with self._lock:

@@ -151,9 +151,10 @@ class Prefetcher:
                 todo = [(layer, r) for layer, r in wanted if not self.fetcher.is_coming(r)]
                 jobs = []
                 for wave in _runs(todo, lambda pair: pair[1].compressed_size, _WAVE_BYTES):
-                    by_layer: dict[str, tuple[Layer, list[ChunkRef]]] = {}
+                    # by layer object: a layer warmed ahead of its add has no name yet
+                    by_layer: dict[int, tuple[Layer, list[ChunkRef]]] = {}
                     for layer, r in wave:
-                        by_layer.setdefault(layer.name, (layer, []))[1].append(r)
+                        by_layer.setdefault(id(layer), (layer, []))[1].append(r)
                     for layer, refs in by_layer.values():
                         for rank, batch in self._requests(layer.source, refs):
                             jobs.append(self._pool.submit(rank, self._fetch_batch, layer,

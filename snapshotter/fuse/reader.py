@@ -26,12 +26,13 @@ SMALL_FILE = 1 << 20  # fetched whole at its first miss (and by prediction)
 WholeFile = Callable[[list[tuple[Layer, ChunkRef]]], None]
 
 
-def _data(layer: Layer, e: toc_pb2.Entry) -> bool:
-    """A file of data, not a program: not ELF, or less than an eighth of it code, as the
-    converter recorded; a layer converted before it recorded ELF facts cannot tell (False)."""
+def _kind(layer: Layer, e: toc_pb2.Entry) -> str:
+    """"program" (ELF, at least an eighth of it code: executables and libraries), "data"
+    (the rest: ICU's data library and object files too) or "unknown" (a layer converted
+    before the converter recorded ELF facts)."""
     if e.size > layer.tree.toc.elf_scan_limit:
-        return False
-    return not e.HasField("elf") or e.elf.text * 8 < e.size
+        return "unknown"
+    return "program" if e.HasField("elf") and e.elf.text * 8 >= e.size else "data"
 
 
 class Reader:
@@ -49,12 +50,14 @@ class Reader:
                   skip: set[bytes]) -> list[tuple[Layer, ChunkRef]]:
         """On the first miss in a small file of a directory, the directory's other small
         files, nearest in the blob first, up to `directory` bytes: programs read headers,
-        configuration and modules a directory at a time, one round trip each."""
+        configuration and modules a directory at a time, one round trip each. Not for a
+        program: the others in /usr/bin are not run with it (initdb running `locale` took
+        500 KB of /usr/bin, loading one postgres extension 470 KB of the others)."""
         tree = layer.tree
         parent = tree.nodes[local].parent
         mine = tree.entry(local)
         if (not self.directory or mine is None or mine.size > SMALL_FILE
-                or parent in layer.dirs_fetched):
+                or parent in layer.dirs_fetched or _kind(layer, mine) == "program"):
             return []
         layer.dirs_fetched.add(parent)
         children = tree.nodes[parent].children or {}
@@ -86,7 +89,7 @@ class Reader:
         if e.size <= SMALL_FILE:
             return True
         misses = layer.file_misses[local] = layer.file_misses.get(local, 0) + 1
-        return misses >= max(2, len(e.chunks) // (4 if _data(layer, e) else 16))
+        return misses >= max(2, len(e.chunks) // (4 if _kind(layer, e) == "data" else 16))
 
     def read_local(self, layer: Layer, local: int, offset: int, size: int) -> bytes | None:
         """The read from local chunks alone, or None when one must be fetched (or read from
@@ -174,7 +177,8 @@ class Reader:
             if wanted:
                 self.on_miss(wanted)
         extra = layer.tree.following(refs[-1], self.readahead) if self.readahead else []
-        if record and self.whole_file and not extra and e.size > SMALL_FILE and _data(layer, e):
+        if (record and self.whole_file and not extra and e.size > SMALL_FILE
+                and _kind(layer, e) == "data"):
             # with whole-file fetching, whose fourth of misses a large data file may never
             # reach: its next chunk rides along. ICU's is read in short runs of neighbouring
             # chunks (initdb: 19 chunks, 6 of them in one run) while the link is idle

@@ -92,8 +92,9 @@ class Server:
         self.ops = Operations(self.layers, self.reader, opened=self.execwatch.opened)
         self._clients: dict[tuple[str, bool], RegistryClient] = {}
         self._lock = threading.Lock()  # guards _clients and _trees
-        # trees built by `warm` for layers not yet added, by TOC digest (add takes them)
-        self._trees: OrderedDict[str, LayerTree] = OrderedDict()
+        # layers built by `warm` and not yet added, by TOC digest: `add` takes them, and a
+        # prediction may start on them before containerd has asked for them all
+        self._pending: OrderedDict[str, Layer] = OrderedDict()
 
     # -- sources ---------------------------------------------------------------
     def _source(self, spec: dict[str, Any]) -> RangeSource:
@@ -110,20 +111,20 @@ class Server:
                     key[0], Path(hosts_dir) if hosts_dir else None, plain_http=key[1])
         return _RegistryBlob(client, spec["repo"], spec["digest"])
 
-    def _tree(self, toc_path: str, toc_digest: str, keep: bool,
-              toc: toc_pb2.TOC | None = None) -> LayerTree:
+    def _pending_layer(self, req: dict[str, Any], toc: toc_pb2.TOC) -> Layer:
+        """The layer `warm` builds ahead of its `add` (unnamed until then), kept by TOC
+        digest."""
         with self._lock:
-            tree = self._trees.get(toc_digest) if keep else self._trees.pop(toc_digest, None)
-        if tree is None:
-            if toc is None:
-                toc = self._toc(toc_path, toc_digest)
-            tree = LayerTree(toc)
-            if keep:
-                with self._lock:
-                    self._trees[toc_digest] = tree
-                    while len(self._trees) > _KEPT_TREES:
-                        self._trees.popitem(last=False)
-        return tree
+            layer = self._pending.get(req["toc_digest"])
+        if layer is None:
+            layer = Layer(name="", slot=0, tree=LayerTree(toc), source=self._source(req["source"]),
+                          what=str(req.get("what", "")),
+                          digest=str(req["source"].get("digest", "")))
+            with self._lock:
+                layer = self._pending.setdefault(req["toc_digest"], layer)
+                while len(self._pending) > _KEPT_TREES:
+                    self._pending.popitem(last=False)
+        return layer
 
     @staticmethod
     def _toc(toc_path: str, toc_digest: str) -> toc_pb2.TOC:
@@ -134,13 +135,13 @@ class Server:
         """Start fetching the hot frames or prefetch list of a layer that containerd will ask
         for next."""
         with self._lock:
-            tree = self._trees.get(req["toc_digest"])
-        toc = tree.toc if tree is not None else self._toc(req["toc_path"], req["toc_digest"])
+            pending = self._pending.get(req["toc_digest"])
+        toc = pending.tree.toc if pending else self._toc(req["toc_path"], req["toc_digest"])
         source, what = self._source(req["source"]), str(req.get("what", ""))
         hot = frame_refs(toc)
         if hot:  # before the tree is built: the stream starts 20 ms sooner for a large layer
             self.prefetcher.warm(source, hot, what, stream=True)
-        tree = self._tree(req["toc_path"], req["toc_digest"], keep=True, toc=toc)
+        tree = self._pending_layer(req, toc).tree
         if hot:
             return {"chunks": len(hot)}
         offsets = list(toc.prefetch) or [int(x) for x in req.get("profile") or []]
@@ -154,12 +155,16 @@ class Server:
         existing = self.layers.by_name(name)
         if existing is not None:
             return {"slot": existing.slot}
-        tree = self._tree(req["toc_path"], req["toc_digest"], keep=False)
-        toc = tree.toc
-        layer = Layer(name=name, slot=int(req["slot"]), tree=tree,
-                      source=self._source(req["source"]), what=str(req.get("what", name)),
-                      digest=str(req["source"].get("digest", "")),
-                      prefetch_override=[int(x) for x in req.get("profile") or []])
+        with self._lock:
+            layer = self._pending.pop(req["toc_digest"], None)
+        if layer is None:
+            layer = Layer(name="", slot=0, tree=LayerTree(self._toc(req["toc_path"],
+                                                                    req["toc_digest"])),
+                          source=self._source(req["source"]),
+                          digest=str(req["source"].get("digest", "")), what="")
+        toc = layer.tree.toc
+        layer.name, layer.slot, layer.what = name, int(req["slot"]), str(req.get("what", name))
+        layer.prefetch_override = [int(x) for x in req.get("profile") or []]
         self.layers.add(layer)
         log.info("layer added", extra={"kv": {"name": name, "layer": layer.what,
                                               "entries": len(toc.entries)}})
@@ -185,7 +190,10 @@ class Server:
     def op_predict(self, req: dict[str, Any]) -> dict[str, Any]:
         """Guess what an image's entrypoint reads first and prefetch those files, unless one
         of its layers carries a recorded prefetch list (a profile beats a guess)."""
-        layers = [x for x in (self.layers.by_name(str(n)) for n in req["layers"]) if x]
+        asked = [self._predict_layer(x) for x in req["layers"]]
+        layers = [x for x in asked if x is not None]
+        if len(layers) < len(asked) and req.get("require_all"):
+            return {"files": [], "missing": True}  # the daemon asks again once all are added
         if not layers or any(x.prefetch_list for x in layers):
             return {"files": []}
         view = MergedView(layers)
@@ -195,11 +203,11 @@ class Server:
 
         predictor = Predictor(view, read)
         self.execwatch.watch(predictor)  # the programs the entrypoint starts, as they start
-        sent: set[tuple[str, int]] = set()
+        sent: set[tuple[int, int]] = set()  # by layer object: a pending layer has no name yet
 
         def fetch_whole(files: list[Found]) -> None:
-            todo = [f for f in files if (f.layer.name, f.local) not in sent]
-            sent.update((f.layer.name, f.local) for f in todo)
+            todo = [f for f in files if (id(f.layer), f.local) not in sent]
+            sent.update((id(f.layer), f.local) for f in todo)
             self.prefetcher.fetch_files([(f.layer, r) for f in todo
                                          for r in map(chunk_ref, predictor.chunks(f))])
 
@@ -212,6 +220,17 @@ class Server:
         log.info("predicted prefetch", extra={"kv": {"files": len(found), "argv0": (
             req.get("argv") or ["?"])[0], "libraries": len(deeper)}})
         return {"files": [f.path for f in found], "libraries": [f.path for f in deeper]}
+
+    def _predict_layer(self, spec: str | dict[str, Any]) -> Layer | None:
+        """A layer by name (added), or by TOC and blob digest: warmed and not yet added, or
+        added under its own name by now."""
+        if isinstance(spec, str):
+            return self.layers.by_name(spec)
+        with self._lock:
+            pending = self._pending.get(str(spec["toc_digest"]))
+        if pending is not None:
+            return pending
+        return next((x for x in self.layers.all() if x.digest == spec["digest"]), None)
 
     def op_profile(self, req: dict[str, Any]) -> dict[str, Any]:
         """Each layer's first-touch chunk order (blob offsets), by layer digest: what was

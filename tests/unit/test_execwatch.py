@@ -415,3 +415,23 @@ def test_a_miss_in_a_large_data_file_brings_the_next_chunk_along(tmp_path: Path)
     local = _local(layer, "usr/share/data.bin")  # the last chunk: nothing after it to bring
     at = layer.tree.entry(local).chunks[-1].file_offset  # type: ignore[union-attr]
     assert reader.read(layer, local, at, 1 << 20) == data[at:]
+
+
+@needs_host_libs
+@pytest.mark.usefixtures("toc_kind")
+def test_a_miss_in_a_program_leaves_its_directory_alone(tmp_path: Path) -> None:
+    layer = _layer({"usr/bin/ls": Path("/bin/ls").read_bytes(),
+                    **{f"usr/bin/tool{i}": os.urandom(30_000) for i in range(4)},
+                    "usr/lib/gcc/crt1.o": b"\x7fELF" + bytes(60), "usr/lib/gcc/crti.o": b"x"})
+    fetched: Fetched = []
+    reader = Reader(Fetcher(ChunkCache(tmp_path / "cache", 10**8)), 0, whole_file=64 << 20,
+                    directory=1 << 20, on_miss=fetched.extend)
+    reader.read(layer, _local(layer, "usr/bin/ls"), 0, 4096)
+    tools = {c.blob_offset for i in range(4) for c in layer.tree.entry(
+        _local(layer, f"usr/bin/tool{i}")).chunks}  # type: ignore[union-attr]
+    # the other programs of /usr/bin run when they run (an older TOC cannot tell programs)
+    assert bool(tools & {r.blob_offset for _, r in fetched}) == (not _SCANNED)
+    fetched.clear()
+    reader.read(layer, _local(layer, "usr/lib/gcc/crt1.o"), 0, 64)  # no code: its dir comes
+    crti = layer.tree.entry(_local(layer, "usr/lib/gcc/crti.o"))
+    assert crti is not None and crti.chunks[0].blob_offset in {r.blob_offset for _, r in fetched}
