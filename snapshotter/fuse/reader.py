@@ -50,14 +50,14 @@ class Reader:
                   skip: set[bytes]) -> list[tuple[Layer, ChunkRef]]:
         """On the first miss in a small file of a directory, the directory's other small
         files, nearest in the blob first, up to `directory` bytes: programs read headers,
-        configuration and modules a directory at a time, one round trip each. Not for a
-        program: the others in /usr/bin are not run with it (initdb running `locale` took
-        500 KB of /usr/bin, loading one postgres extension 470 KB of the others)."""
+        configuration and modules (PAM's) a directory at a time, one round trip each. Not
+        for an executable: the others in /usr/bin are not run with it (initdb running
+        `locale` took 500 KB of /usr/bin)."""
         tree = layer.tree
         parent = tree.nodes[local].parent
         mine = tree.entry(local)
         if (not self.directory or mine is None or mine.size > SMALL_FILE
-                or parent in layer.dirs_fetched or _kind(layer, mine) == "program"):
+                or parent in layer.dirs_fetched or mine.mode & 0o111):
             return []
         layer.dirs_fetched.add(parent)
         children = tree.nodes[parent].children or {}

@@ -36,8 +36,9 @@ def sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def make_tar(files: dict[str, bytes | None]) -> bytes:
-    """name -> content (None for a directory)."""
+def make_tar(files: dict[str, bytes | None], file_mode: int = 0o755,
+             modes: dict[str, int] | None = None) -> bytes:
+    """name -> content (None for a directory); files get `file_mode` unless `modes` says."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
         for name, data in files.items():
@@ -47,7 +48,7 @@ def make_tar(files: dict[str, bytes | None]) -> bytes:
                 ti.type, ti.mode = tarfile.DIRTYPE, 0o755
                 tf.addfile(ti)
             else:
-                ti.size, ti.mode = len(data), 0o755
+                ti.size, ti.mode = len(data), (modes or {}).get(name, file_mode)
                 tf.addfile(ti, io.BytesIO(data))
     return buf.getvalue()
 
