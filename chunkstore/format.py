@@ -20,6 +20,7 @@ Footer payload, 64 bytes, little-endian:
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import zstandard
@@ -49,6 +50,11 @@ ANN_VERSION = ANNOTATION_PREFIX + "version"
 ANN_TOC_OFFSET = ANNOTATION_PREFIX + "toc.offset"
 ANN_TOC_SIZE = ANNOTATION_PREFIX + "toc.size"
 ANN_TOC_DIGEST = ANNOTATION_PREFIX + "toc.digest"
+# The TOC's place again, under containerd's snapshot-label prefix: containerd hands a layer
+# descriptor's annotations that start with it to the snapshotter's Prepare as labels, so the
+# TOC can be on its way while the snapshotter fetches the manifest. A hint only: what it
+# fetches must match the manifest's dev.zest.toc.digest. Value: "<offset>,<size>,<digest>".
+LABEL_TOC = "containerd.io/snapshot/zest.toc"
 
 # A TOC larger than this is refused before decompression (protects the daemon's memory).
 MAX_TOC_SIZE = 512 * 1024 * 1024
@@ -125,7 +131,19 @@ def toc_annotations(footer: Footer) -> dict[str, str]:
         ANN_TOC_OFFSET: str(footer.toc_offset),
         ANN_TOC_SIZE: str(footer.toc_size),
         ANN_TOC_DIGEST: str(footer.toc_digest),
+        LABEL_TOC: f"{footer.toc_offset},{footer.toc_size},{footer.toc_digest}",
     }
+
+
+def toc_hint(labels: Mapping[str, str]) -> Footer | None:
+    """The TOC's place from a Prepare's labels (LABEL_TOC), or None when there is none or it
+    does not parse: it is only a head start, never trusted for more."""
+    try:
+        offset, size, digest = labels[LABEL_TOC].split(",")
+        footer = Footer(int(offset), int(size), Digest.parse(digest))
+    except (KeyError, ValueError, FormatError):
+        return None
+    return footer if footer.toc_offset >= 0 and 0 < footer.toc_size <= MAX_TOC_SIZE else None
 
 
 def footer_from_annotations(annotations: dict[str, str]) -> Footer | None:

@@ -188,9 +188,14 @@ def image_layers_label(layers: Sequence[Descriptor]) -> str:
 def layer_labels(
     image_ref: str, manifest_digest: str, layers: Sequence[Descriptor], index: int, chain_id: str
 ) -> dict[str, str]:
-    """The labels of layer `index`'s Prepare (and Commit): the target snapshot and the
-    `containerd.io/snapshot/cri.*` annotations the CRI plugin adds to layer descriptors."""
+    """The labels of layer `index`'s Prepare (and Commit): the target snapshot, the
+    `containerd.io/snapshot/cri.*` annotations the CRI plugin adds to layer descriptors, and,
+    as containerd's unpacker passes them, the descriptor's own annotations under
+    `containerd.io/snapshot/` (zest's TOC hint)."""
+    inherited = {k: v for k, v in layers[index].annotations.items()
+                 if k.startswith(lbl.INHERITED_PREFIX) and len(k) + len(v) <= lbl.MAX_LABEL_SIZE}
     return {
+        **inherited,
         lbl.TARGET_SNAPSHOT_REF: chain_id,
         lbl.CRI_IMAGE_REF: image_ref,
         lbl.CRI_LAYER_DIGEST: layers[index].digest,

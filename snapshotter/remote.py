@@ -119,6 +119,9 @@ class RemoteLayers:
         # by manifest digest: the prediction started once the image's TOCs were in, before
         # containerd asked for all its layers; True when it ran
         self._early: OrderedDict[str, Future[bool]] = OrderedDict()
+        # TOC bytes fetched where a Prepare's label said, before the manifest was in, by
+        # (layer digest, offset, size); verified against the manifest's TOC digest on use
+        self._toc_bytes: OrderedDict[tuple[str, int, int], Future[bytes]] = OrderedDict()
         self._lock = threading.Lock()
 
     # -- registry --------------------------------------------------------------
@@ -235,6 +238,7 @@ class RemoteLayers:
         if ref.kind != Kind.REGISTRY:
             raise NotServable(f"{req.image_ref} is not a registry reference")
         client = self._client(ref.api_host)
+        self._toc_head_start(client, ref.repository, req.layer_digest, labels)
         manifest_digest = req.manifest_digest or self._find_manifest(
             client, ref.repository, ref.reference or "latest", req.layer_digest)
         manifest = self._manifest(client, ref.repository, manifest_digest)
@@ -363,13 +367,47 @@ class RemoteLayers:
 
         threading.Thread(target=run, name="zest-predict-early", daemon=True).start()
 
+    def _toc_head_start(self, client: RegistryClient, repo: str, layer_digest: str,
+                        labels: Mapping[str, str]) -> None:
+        """Fetch the TOC where the Prepare's label says, while the manifest is fetched: the
+        first layer's TOC arrives a round trip sooner (for a base layer's 330 KB TOC at
+        100 Mbit/s, 20 ms, it came 60 ms after the manifest)."""
+        hint = fmt.toc_hint(labels)
+        if hint is None:
+            return
+        key = (layer_digest, hint.toc_offset, hint.toc_size)
+        with self._lock:
+            if (key in self._toc_bytes or hint.toc_digest.hex in self._toc_jobs
+                    or (self.tocs / hint.toc_digest.hex).exists()):
+                return  # here, or on its way since an earlier layer's Prepare
+            self._toc_bytes[key] = self._pool.submit(client.read_range, repo, layer_digest,
+                                                     hint.toc_offset, hint.toc_size)
+            while len(self._toc_bytes) > 16:
+                self._toc_bytes.popitem(last=False)
+
+    def _toc_payload(self, client: RegistryClient, repo: str, digest: str,
+                     footer: fmt.Footer) -> bytes:
+        """The TOC's bytes, verified: from the head start if it fetched the right ones."""
+        with self._lock:
+            early = self._toc_bytes.pop((digest, footer.toc_offset, footer.toc_size), None)
+        if early is not None:
+            try:
+                payload = early.result()
+                footer.toc_digest.verify(payload, "TOC")
+                return payload
+            except Exception as exc:  # only a head start: fetch it as the manifest says
+                log.info("TOC head start unusable", extra={"kv": {"layer": digest,
+                                                                  "reason": exc}})
+        payload = client.read_range(repo, digest, footer.toc_offset, footer.toc_size)
+        footer.toc_digest.verify(payload, "TOC")
+        return payload
+
     def _fetch_toc(self, client: RegistryClient, repo: str, desc: dict[str, Any],
                    footer: fmt.Footer, warm: Callable[[Path], None] | None = None) -> None:
         """One range request: the annotations (covered by the manifest digest) locate it.
         `warm` gets the TOC's path while this process checks its chunk table: both parse
         the TOC, on two cores (20 ms for a base layer's). The TOC is kept only if it passes."""
-        payload = client.read_range(repo, desc["digest"], footer.toc_offset, footer.toc_size)
-        footer.toc_digest.verify(payload, "TOC")
+        payload = self._toc_payload(client, repo, desc["digest"], footer)
         final = self.tocs / footer.toc_digest.hex
         tmp = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.write_bytes(payload)

@@ -61,11 +61,22 @@ def test_toc_garbage_and_version() -> None:
 def test_annotations_roundtrip() -> None:
     ann = fmt.toc_annotations(_footer())
     assert set(ann) == {"dev.zest.version", "dev.zest.toc.offset", "dev.zest.toc.size",
-                        "dev.zest.toc.digest"}
+                        "dev.zest.toc.digest", "containerd.io/snapshot/zest.toc"}
     assert fmt.footer_from_annotations(ann) == _footer()
     assert fmt.footer_from_annotations({}) is None
     with pytest.raises(FormatError):
         fmt.footer_from_annotations({**ann, "dev.zest.toc.size": "x"})
+
+
+def test_the_toc_hint_label_is_read_leniently() -> None:
+    """containerd passes the `containerd.io/snapshot/` annotation to Prepare as a label: a
+    head start for the TOC fetch, so a bad one is ignored, never an error."""
+    ann = fmt.toc_annotations(_footer())
+    assert fmt.toc_hint(ann) == _footer()
+    assert fmt.toc_hint({}) is None
+    for bad in ("1,2", "x,2,sha256:" + "0" * 64, "1,2,md5:00", "-1,2,sha256:" + "0" * 64,
+                f"1,{fmt.MAX_TOC_SIZE + 1},sha256:" + "0" * 64, "1,0,sha256:" + "0" * 64):
+        assert fmt.toc_hint({fmt.LABEL_TOC: bad}) is None, bad
 
 
 def test_summary_counts_what_the_prefetch_list_fetches() -> None:

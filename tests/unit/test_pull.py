@@ -77,6 +77,14 @@ def test_layer_labels() -> None:
     # All of them reach a proxy snapshotter (containerd's FilterInheritedLabels).
     assert all(k == lbl.TARGET_SNAPSHOT_REF or k.startswith(lbl.INHERITED_PREFIX) for k in labels)
     assert lbl.remote_layer_request(labels) is not None
+    # a layer's own annotations under containerd.io/snapshot/ come along, as containerd's
+    # unpacker passes them (zest's TOC hint); the others, and oversized ones, do not
+    hinted = Descriptor(OCI_ZSTD, _d(5), 10, {
+        "containerd.io/snapshot/zest.toc": "1,2,sha256:" + "0" * 64, "dev.zest.version": "1",
+        "containerd.io/snapshot/huge": "x" * 5000})
+    labels = layer_labels("r.example/app:1", _d(99), [hinted], 0, _d(77))
+    assert labels["containerd.io/snapshot/zest.toc"] == "1,2,sha256:" + "0" * 64
+    assert "dev.zest.version" not in labels and "containerd.io/snapshot/huge" not in labels
 
 
 def test_image_layers_label_is_capped_like_containerd() -> None:

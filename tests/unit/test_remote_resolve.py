@@ -12,7 +12,7 @@ import pytest
 from chunkstore import format as fmt
 from chunkstore._pb import toc_pb2
 from chunkstore.digest import Digest
-from chunkstore.errors import FormatError
+from chunkstore.errors import DigestMismatch, FormatError
 from snapshotter.image import store as st
 from snapshotter.remote import RemoteLayers
 
@@ -80,3 +80,52 @@ def test_a_toc_is_warmed_while_checked_and_kept_only_if_it_passes(tmp_path: Path
                           bad_footer, warm)
     assert len(seen) == 2 and seen[1][1] == bad
     assert [p.name for p in remote.tocs.iterdir()] == [footer.toc_digest.hex]  # not kept
+
+
+class CountingClient(TocClient):
+    def __init__(self, payload: bytes):
+        super().__init__(payload)
+        self.reads: list[tuple[int, int]] = []
+
+    def read_range(self, repo: str, digest: str, offset: int, size: int) -> bytes:
+        self.reads.append((offset, size))
+        return super().read_range(repo, digest, offset, size)
+
+
+def test_a_prepare_label_gives_the_toc_fetch_a_head_start(tmp_path: Path) -> None:
+    payload, footer = _toc_payload(chunk_end=5)
+    blob = b"junk" + payload
+    footer = fmt.Footer(4, len(payload), footer.toc_digest)
+    remote = RemoteLayers(tmp_path, cast(Any, None))
+    client = CountingClient(blob)
+    desc: dict[str, Any] = {"digest": "sha256:" + "e" * 64, "size": len(blob)}
+    remote._toc_head_start(cast(Any, client), "app", desc["digest"],
+                           {fmt.LABEL_TOC: fmt.toc_annotations(footer)[fmt.LABEL_TOC]})
+    remote._fetch_toc(cast(Any, client), "app", desc, footer)
+    assert client.reads == [(4, len(payload))]  # the head start's, used: no second fetch
+    assert (remote.tocs / footer.toc_digest.hex).read_bytes() == payload
+    # the TOC is here now: a later Prepare with the label fetches nothing
+    remote._toc_head_start(cast(Any, client), "app", desc["digest"],
+                           {fmt.LABEL_TOC: fmt.toc_annotations(footer)[fmt.LABEL_TOC]})
+    assert client.reads == [(4, len(payload))]
+
+
+def test_a_lying_toc_label_costs_a_fetch_and_nothing_else(tmp_path: Path) -> None:
+    payload, footer = _toc_payload(chunk_end=5)
+    blob = b"junk" + payload
+    footer = fmt.Footer(4, len(payload), footer.toc_digest)
+    remote = RemoteLayers(tmp_path, cast(Any, None))
+    client = CountingClient(blob)
+    desc: dict[str, Any] = {"digest": "sha256:" + "e" * 64, "size": len(blob)}
+    wrong = fmt.Footer(0, len(payload), footer.toc_digest)  # the label points elsewhere
+    remote._toc_head_start(cast(Any, client), "app", desc["digest"],
+                           {fmt.LABEL_TOC: fmt.toc_annotations(wrong)[fmt.LABEL_TOC]})
+    remote._fetch_toc(cast(Any, client), "app", desc, footer)
+    # the head start fetched the wrong place, and the TOC came from where the manifest says
+    assert client.reads == [(0, len(payload)), (4, len(payload))]
+    assert (remote.tocs / footer.toc_digest.hex).read_bytes() == payload
+    lied = fmt.Footer(4, len(payload), Digest.of(b"other"))  # the manifest's digest wins
+    remote._toc_head_start(cast(Any, client), "app", desc["digest"],
+                           {fmt.LABEL_TOC: fmt.toc_annotations(lied)[fmt.LABEL_TOC]})
+    with pytest.raises(DigestMismatch, match="TOC"):
+        remote._fetch_toc(cast(Any, client), "app", desc, lied)
