@@ -4,6 +4,7 @@ and how a fetched TOC is checked before it is kept."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -92,40 +93,41 @@ class CountingClient(TocClient):
         return super().read_range(repo, digest, offset, size)
 
 
-def test_a_prepare_label_gives_the_toc_fetch_a_head_start(tmp_path: Path) -> None:
+def _labelled(tmp_path: Path) -> tuple[RemoteLayers, CountingClient, dict[str, Any], bytes,
+                                      fmt.Footer, Callable[[fmt.Footer], None]]:
+    """A layer blob whose TOC is at offset 4, and a Prepare's head start with a label."""
     payload, footer = _toc_payload(chunk_end=5)
     blob = b"junk" + payload
     footer = fmt.Footer(4, len(payload), footer.toc_digest)
     remote = RemoteLayers(tmp_path, cast(Any, None))
     client = CountingClient(blob)
     desc: dict[str, Any] = {"digest": "sha256:" + "e" * 64, "size": len(blob)}
-    remote._toc_head_start(cast(Any, client), "app", desc["digest"],
-                           {fmt.LABEL_TOC: fmt.toc_annotations(footer)[fmt.LABEL_TOC]})
+
+    def prepare(label: fmt.Footer) -> None:
+        remote._toc_head_start(cast(Any, client), "app", desc["digest"],
+                               {fmt.LABEL_TOC: fmt.toc_annotations(label)[fmt.LABEL_TOC]})
+
+    return remote, client, desc, payload, footer, prepare
+
+
+def test_a_prepare_label_gives_the_toc_fetch_a_head_start(tmp_path: Path) -> None:
+    remote, client, desc, payload, footer, prepare = _labelled(tmp_path)
+    prepare(footer)
     remote._fetch_toc(cast(Any, client), "app", desc, footer)
     assert client.reads == [(4, len(payload))]  # the head start's, used: no second fetch
     assert (remote.tocs / footer.toc_digest.hex).read_bytes() == payload
-    # the TOC is here now: a later Prepare with the label fetches nothing
-    remote._toc_head_start(cast(Any, client), "app", desc["digest"],
-                           {fmt.LABEL_TOC: fmt.toc_annotations(footer)[fmt.LABEL_TOC]})
+    prepare(footer)  # the TOC is here now: a later Prepare with the label fetches nothing
     assert client.reads == [(4, len(payload))]
 
 
 def test_a_lying_toc_label_costs_a_fetch_and_nothing_else(tmp_path: Path) -> None:
-    payload, footer = _toc_payload(chunk_end=5)
-    blob = b"junk" + payload
-    footer = fmt.Footer(4, len(payload), footer.toc_digest)
-    remote = RemoteLayers(tmp_path, cast(Any, None))
-    client = CountingClient(blob)
-    desc: dict[str, Any] = {"digest": "sha256:" + "e" * 64, "size": len(blob)}
-    wrong = fmt.Footer(0, len(payload), footer.toc_digest)  # the label points elsewhere
-    remote._toc_head_start(cast(Any, client), "app", desc["digest"],
-                           {fmt.LABEL_TOC: fmt.toc_annotations(wrong)[fmt.LABEL_TOC]})
+    remote, client, desc, payload, footer, prepare = _labelled(tmp_path)
+    prepare(fmt.Footer(0, len(payload), footer.toc_digest))  # the label points elsewhere
     remote._fetch_toc(cast(Any, client), "app", desc, footer)
     # the head start fetched the wrong place, and the TOC came from where the manifest says
     assert client.reads == [(0, len(payload)), (4, len(payload))]
     assert (remote.tocs / footer.toc_digest.hex).read_bytes() == payload
     lied = fmt.Footer(4, len(payload), Digest.of(b"other"))  # the manifest's digest wins
-    remote._toc_head_start(cast(Any, client), "app", desc["digest"],
-                           {fmt.LABEL_TOC: fmt.toc_annotations(lied)[fmt.LABEL_TOC]})
+    prepare(lied)
     with pytest.raises(DigestMismatch, match="TOC"):
         remote._fetch_toc(cast(Any, client), "app", desc, lied)
