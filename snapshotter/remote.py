@@ -51,13 +51,12 @@ class NotServable(Exception):
     """The daemon cannot serve this layer; containerd's ordinary path takes it."""
 
 
-def _write_atomic(path: Path, data: bytes, sync: bool = True) -> None:
+def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
-        if sync:
-            f.flush()
-            os.fsync(f.fileno())
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -413,16 +412,16 @@ class RemoteLayers:
         tmp.write_bytes(payload)
         warming = threading.Thread(target=warm, args=(tmp,), name="zest-warm") if warm else None
         try:
-            if warming is not None:
-                warming.start()
-            tocmod.check_chunk_table(fmt.decode_toc(payload), int(desc["size"]))
+            try:
+                if warming is not None:
+                    warming.start()
+                tocmod.check_chunk_table(fmt.decode_toc(payload), int(desc["size"]))
+            finally:
+                if warming is not None and warming.ident is not None:
+                    warming.join()  # it reads the file by this name
         except BaseException:
-            if warming is not None:
-                warming.join()
             tmp.unlink(missing_ok=True)
             raise
-        if warming is not None:
-            warming.join()  # it reads the file by this name
         os.replace(tmp, final)
 
     def _start_toc(self, client: RegistryClient, host: str, repo: str, desc: dict[str, Any],

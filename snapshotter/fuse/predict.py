@@ -317,10 +317,7 @@ class Predictor:
         elf = self._known_elf(f)
         if elf is None:
             return []
-        found = [self.view.lookup(elf.interp)] if elf.interp else []
-        origin = posixpath.dirname(f.path)
-        found += [self.library(name, elf.runpath, origin, cache=False) for name in elf.needed]
-        return [x for x in found if x is not None]
+        return [x for x in self._loads(f, elf, cache=False) if x is not None]
 
     def _known_elf(self, f: Found) -> Elf | None:
         """`elf(f)` when that costs no fetch: parsed before, or recorded in the TOC."""
@@ -383,13 +380,17 @@ class Predictor:
         for f, elf in zip(files, map(self.elf, files), strict=True):
             if elf is None:
                 continue
-            found = [self.view.lookup(elf.interp)] if elf.interp else []
-            origin = posixpath.dirname(f.path)
-            found += [self.library(name, elf.runpath, origin) for name in elf.needed]
-            for lib in found:
+            for lib in self._loads(f, elf):
                 if lib is not None:
                     self._libs.add(_key(lib))
                 add(lib)
+
+    def _loads(self, f: Found, elf: Elf, cache: bool = True) -> list[Found | None]:
+        """What the loader maps for `f`: its interpreter, then its DT_NEEDED libraries (None
+        for one not found); `cache` as for `library`."""
+        found = [self.view.lookup(elf.interp)] if elf.interp else []
+        origin = posixpath.dirname(f.path)
+        return found + [self.library(name, elf.runpath, origin, cache) for name in elf.needed]
 
     def _may_be_elf(self, f: Found) -> bool:
         """Parsed as ELF, or found as a library: the rest (modules, configuration) is not

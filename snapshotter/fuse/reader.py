@@ -26,13 +26,13 @@ SMALL_FILE = 1 << 20  # fetched whole at its first miss (and by prediction)
 WholeFile = Callable[[list[tuple[Layer, ChunkRef]]], None]
 
 
-def _kind(layer: Layer, e: toc_pb2.Entry) -> str:
-    """"program" (ELF, at least an eighth of it code: executables and libraries), "data"
-    (the rest: ICU's data library and object files too) or "unknown" (a layer converted
-    before the converter recorded ELF facts)."""
+def _data(layer: Layer, e: toc_pb2.Entry) -> bool:
+    """A file of data, not a program: not ELF, or under an eighth code (ICU's data library,
+    object files), as the converter recorded. False for a layer converted before it recorded
+    ELF facts: that cannot tell, and is read as it was."""
     if e.size > layer.tree.toc.elf_scan_limit:
-        return "unknown"
-    return "program" if e.HasField("elf") and e.elf.text * 8 >= e.size else "data"
+        return False
+    return not (e.HasField("elf") and e.elf.text * 8 >= e.size)
 
 
 class Reader:
@@ -89,7 +89,7 @@ class Reader:
         if e.size <= SMALL_FILE:
             return True
         misses = layer.file_misses[local] = layer.file_misses.get(local, 0) + 1
-        return misses >= max(2, len(e.chunks) // (4 if _kind(layer, e) == "data" else 16))
+        return misses >= max(2, len(e.chunks) // (4 if _data(layer, e) else 16))
 
     def read_local(self, layer: Layer, local: int, offset: int, size: int) -> bytes | None:
         """The read from local chunks alone, or None when one must be fetched (or read from
@@ -178,7 +178,7 @@ class Reader:
                 self.on_miss(wanted)
         extra = layer.tree.following(refs[-1], self.readahead) if self.readahead else []
         if (record and self.whole_file and not extra and e.size > SMALL_FILE
-                and _kind(layer, e) == "data"):
+                and _data(layer, e)):
             # with whole-file fetching, whose fourth of misses a large data file may never
             # reach: its next chunk rides along. ICU's is read in short runs of neighbouring
             # chunks (initdb: 19 chunks, 6 of them in one run) while the link is idle

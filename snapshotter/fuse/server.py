@@ -50,7 +50,7 @@ from snapshotter.registry.client import RegistryClient, warm_up
 
 log = logging.getLogger("snapshotter.fuse.server")
 
-_KEPT_TREES = 16
+_KEPT_PENDING = 16
 
 
 class _RegistryBlob:
@@ -111,18 +111,21 @@ class Server:
                     key[0], Path(hosts_dir) if hosts_dir else None, plain_http=key[1])
         return _RegistryBlob(client, spec["repo"], spec["digest"])
 
+    def _new_layer(self, req: dict[str, Any], toc: toc_pb2.TOC) -> Layer:
+        """An unnamed layer for a `warm` or `add` request; `add` names it."""
+        return Layer(name="", slot=0, tree=LayerTree(toc), source=self._source(req["source"]),
+                     what=str(req.get("what", "")), digest=str(req["source"].get("digest", "")))
+
     def _pending_layer(self, req: dict[str, Any], toc: toc_pb2.TOC) -> Layer:
         """The layer `warm` builds ahead of its `add` (unnamed until then), kept by TOC
         digest."""
         with self._lock:
             layer = self._pending.get(req["toc_digest"])
         if layer is None:
-            layer = Layer(name="", slot=0, tree=LayerTree(toc), source=self._source(req["source"]),
-                          what=str(req.get("what", "")),
-                          digest=str(req["source"].get("digest", "")))
+            layer = self._new_layer(req, toc)
             with self._lock:
                 layer = self._pending.setdefault(req["toc_digest"], layer)
-                while len(self._pending) > _KEPT_TREES:
+                while len(self._pending) > _KEPT_PENDING:
                     self._pending.popitem(last=False)
         return layer
 
@@ -158,10 +161,7 @@ class Server:
         with self._lock:
             layer = self._pending.pop(req["toc_digest"], None)
         if layer is None:
-            layer = Layer(name="", slot=0, tree=LayerTree(self._toc(req["toc_path"],
-                                                                    req["toc_digest"])),
-                          source=self._source(req["source"]),
-                          digest=str(req["source"].get("digest", "")), what="")
+            layer = self._new_layer(req, self._toc(req["toc_path"], req["toc_digest"]))
         toc = layer.tree.toc
         layer.name, layer.slot, layer.what = name, int(req["slot"]), str(req.get("what", name))
         layer.prefetch_override = [int(x) for x in req.get("profile") or []]
