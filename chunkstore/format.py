@@ -55,6 +55,12 @@ ANN_TOC_DIGEST = ANNOTATION_PREFIX + "toc.digest"
 # TOC can be on its way while the snapshotter fetches the manifest. A hint only: what it
 # fetches must match the manifest's dev.zest.toc.digest. Value: "<offset>,<size>,<digest>".
 LABEL_TOC = "containerd.io/snapshot/zest.toc"
+# Where a profiled layer's hot frames lie, under the same prefix: "<offset>,<size>", one
+# range that ends where the TOC's frame begins. Also a hint only: the stream it starts is
+# checked frame by frame against the TOC's hot_frames, like any other.
+LABEL_HOT = "containerd.io/snapshot/zest.hot"
+# A hot-frame hint larger than this is not followed (the frames are fetched as the TOC says).
+MAX_HOT_HINT = 256 * 1024 * 1024
 
 # A TOC larger than this is refused before decompression (protects the daemon's memory).
 MAX_TOC_SIZE = 512 * 1024 * 1024
@@ -144,6 +150,15 @@ def toc_hint(labels: Mapping[str, str]) -> Footer | None:
     except (KeyError, ValueError, FormatError):
         return None
     return footer if footer.toc_offset >= 0 and 0 < footer.toc_size <= MAX_TOC_SIZE else None
+
+
+def hot_hint(labels: Mapping[str, str]) -> tuple[int, int] | None:
+    """The hot frames' (offset, size) from LABEL_HOT, or None when absent or malformed."""
+    try:
+        offset, size = (int(x) for x in labels[LABEL_HOT].split(","))
+    except (KeyError, ValueError):
+        return None
+    return (offset, size) if offset >= 0 and 0 < size <= MAX_HOT_HINT else None
 
 
 def footer_from_annotations(annotations: dict[str, str]) -> Footer | None:

@@ -131,6 +131,14 @@ def write_hot(write: Callable[[bytes], object], blob_offset: int, toc: toc_pb2.T
     return written
 
 
+def frames_span(toc: toc_pb2.TOC) -> tuple[int, int] | None:
+    """(offset, size) of the blob range that holds all the hot frames (LABEL_HOT)."""
+    if not toc.hot_frames:
+        return None
+    start = min(f.blob_offset for f in toc.hot_frames)
+    return start, max(f.blob_offset + f.compressed_size for f in toc.hot_frames) - start
+
+
 def frame_refs(toc: toc_pb2.TOC) -> list[ChunkRef]:
     """The fetcher's handles on a layer's hot frames, in blob order: content-addressed like
     chunks, so they are fetched, verified and cached as chunks are."""

@@ -39,6 +39,7 @@ from chunkstore.fetch import Fetcher, RangeSource
 from chunkstore.hot import frame_refs
 from snapshotter.fuse import kernelcaps, protocol
 from snapshotter.fuse.execwatch import ExecWatch
+from snapshotter.fuse.headstart import HeadStarts
 from snapshotter.fuse.layers import FileSource, Layer, LayerSet, join_ino
 from snapshotter.fuse.ops import Operations
 from snapshotter.fuse.pagecache import PageCache, set_page_readahead
@@ -56,8 +57,10 @@ _KEPT_PENDING = 16
 class _RegistryBlob:
     """MultiRangeSource over one registry blob."""
 
-    def __init__(self, client: RegistryClient, repo: str, digest: str):
+    def __init__(self, client: RegistryClient, repo: str, digest: str,
+                 early: HeadStarts | None = None):
         self.client, self.repo, self.digest = client, repo, digest
+        self.early = early
 
     def read_range(self, offset: int, length: int) -> bytes:
         return self.client.read_range(self.repo, self.digest, offset, length)
@@ -66,7 +69,8 @@ class _RegistryBlob:
         return self.client.read_ranges(self.repo, self.digest, ranges)
 
     def open_range(self, offset: int, length: int) -> BinaryIO:
-        return self.client.open_range(self.repo, self.digest, offset, length)
+        started = self.early.take(self.digest, offset, length) if self.early else None
+        return started or self.client.open_range(self.repo, self.digest, offset, length)
 
     @property
     def multirange(self) -> bool | None:
@@ -95,6 +99,7 @@ class Server:
         # layers built by `warm` and not yet added, by TOC digest: `add` takes them, and a
         # prediction may start on them before containerd has asked for them all
         self._pending: OrderedDict[str, Layer] = OrderedDict()
+        self.head_starts = HeadStarts()
 
     # -- sources ---------------------------------------------------------------
     def _source(self, spec: dict[str, Any]) -> RangeSource:
@@ -109,7 +114,7 @@ class Server:
             if client is None:
                 client = self._clients[key] = RegistryClient.for_host(
                     key[0], Path(hosts_dir) if hosts_dir else None, plain_http=key[1])
-        return _RegistryBlob(client, spec["repo"], spec["digest"])
+        return _RegistryBlob(client, spec["repo"], spec["digest"], self.head_starts)
 
     def _new_layer(self, req: dict[str, Any], toc: toc_pb2.TOC) -> Layer:
         """An unnamed layer for a `warm` or `add` request; `add` names it."""
@@ -152,6 +157,17 @@ class Server:
         if refs:
             self.prefetcher.warm(source, refs, what)
         return {"chunks": len(refs)}
+
+    def op_head_start(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Start receiving a blob range (a profiled layer's hot frames) that a TOC not yet
+        here will name; `warm`'s stream takes it."""
+        source = self._source(req["source"])
+        if not isinstance(source, _RegistryBlob):
+            return {"started": False}
+        started = self.head_starts.start(
+            source.digest, int(req["offset"]), int(req["length"]),
+            lambda off, n: source.client.open_range(source.repo, source.digest, off, n))
+        return {"started": started}
 
     def op_add(self, req: dict[str, Any]) -> dict[str, Any]:
         name = str(req["name"])

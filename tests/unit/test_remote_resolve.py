@@ -131,3 +131,35 @@ def test_a_lying_toc_label_costs_a_fetch_and_nothing_else(tmp_path: Path) -> Non
     prepare(lied)
     with pytest.raises(DigestMismatch, match="TOC"):
         remote._fetch_toc(cast(Any, client), "app", desc, lied)
+
+
+class FakeFuse:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+
+    def call(self, op: str, **kw: Any) -> dict[str, Any]:
+        self.calls.append((op, kw))
+        return {}
+
+
+def test_a_hot_label_starts_the_frames_stream_with_the_toc_and_only_then(
+        tmp_path: Path) -> None:
+    fuse = FakeFuse()
+    remote = RemoteLayers(tmp_path, cast(Any, fuse))
+    payload, footer = _toc_payload(chunk_end=5)
+    client = CountingClient(b"junk" + payload)
+    footer = fmt.Footer(4, len(payload), footer.toc_digest)
+    labels = {fmt.LABEL_TOC: fmt.toc_annotations(footer)[fmt.LABEL_TOC],
+              fmt.LABEL_HOT: "100,2000"}
+    digest = "sha256:" + "e" * 64
+    if remote._toc_head_start(cast(Any, client), "app", digest, labels):
+        remote._hot_head_start("reg.example", "app", digest, labels)
+    assert [(op, kw["offset"], kw["length"], kw["source"]["digest"])
+            for op, kw in fuse.calls] == [("head_start", 100, 2000, digest)]
+    # the TOC is on its way: a second Prepare of the layer starts neither again
+    assert not remote._toc_head_start(cast(Any, client), "app", digest, labels)
+    remote._hot_head_start("reg.example", "app", digest, {fmt.LABEL_HOT: "oops"})
+    assert len(fuse.calls) == 1  # a label that does not parse is no hint
+    off = RemoteLayers(tmp_path / "off", cast(Any, fuse), prefetch=False)
+    off._hot_head_start("reg.example", "app", digest, labels)
+    assert len(fuse.calls) == 1  # prefetch off: nothing fetched ahead
