@@ -55,10 +55,10 @@ ANN_TOC_DIGEST = ANNOTATION_PREFIX + "toc.digest"
 # TOC can be on its way while the snapshotter fetches the manifest. A hint only: what it
 # fetches must match the manifest's dev.zest.toc.digest. Value: "<offset>,<size>,<digest>".
 LABEL_TOC = "containerd.io/snapshot/zest.toc"
-# Where a profiled layer's hot frames lie, under the same prefix: "<offset>,<size>", one
-# range that ends where the TOC's frame begins. Also a hint only: the stream it starts is
-# checked frame by frame against the TOC's hot_frames, like any other.
-LABEL_HOT = "containerd.io/snapshot/zest.hot"
+# Where an optimized layer's hot frames lie: "<offset>,<size>", one range that ends where the
+# TOC's frame begins, so their stream can start before the TOC that names them is parsed. A
+# hint only: the stream is checked frame by frame against the TOC's hot_frames.
+ANN_HOT = ANNOTATION_PREFIX + "hot"
 # A hot-frame hint larger than this is not followed (the frames are fetched as the TOC says).
 MAX_HOT_HINT = 256 * 1024 * 1024
 
@@ -152,10 +152,10 @@ def toc_hint(labels: Mapping[str, str]) -> Footer | None:
     return footer if footer.toc_offset >= 0 and 0 < footer.toc_size <= MAX_TOC_SIZE else None
 
 
-def hot_hint(labels: Mapping[str, str]) -> tuple[int, int] | None:
-    """The hot frames' (offset, size) from LABEL_HOT, or None when absent or malformed."""
+def hot_hint(annotations: Mapping[str, str]) -> tuple[int, int] | None:
+    """The hot frames' (offset, size) from ANN_HOT, or None when absent or malformed."""
     try:
-        offset, size = (int(x) for x in labels[LABEL_HOT].split(","))
+        offset, size = (int(x) for x in annotations[ANN_HOT].split(","))
     except (KeyError, ValueError):
         return None
     return (offset, size) if offset >= 0 and 0 < size <= MAX_HOT_HINT else None

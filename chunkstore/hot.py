@@ -132,7 +132,7 @@ def write_hot(write: Callable[[bytes], object], blob_offset: int, toc: toc_pb2.T
 
 
 def frames_span(toc: toc_pb2.TOC) -> tuple[int, int] | None:
-    """(offset, size) of the blob range that holds all the hot frames (LABEL_HOT)."""
+    """(offset, size) of the blob range that holds all the hot frames (ANN_HOT)."""
     if not toc.hot_frames:
         return None
     start = min(f.blob_offset for f in toc.hot_frames)

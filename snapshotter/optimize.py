@@ -124,9 +124,9 @@ def rewrite_layer(src: st.ImageStore, dst: st.ImageStore, desc: dict[str, Any],
     ann = dict(desc.get("annotations") or {})
     ann.update(fmt.toc_annotations(new_footer))
     span = hot.frames_span(toc)
-    ann.pop(fmt.LABEL_HOT, None)  # an earlier optimize's frames are gone
+    ann.pop(fmt.ANN_HOT, None)  # an earlier optimize's frames are gone
     if span is not None:
-        ann[fmt.LABEL_HOT] = f"{span[0]},{span[1]}"
+        ann[fmt.ANN_HOT] = f"{span[0]},{span[1]}"
     return {**desc, "digest": new_digest, "size": size, "annotations": ann}
 
 

@@ -237,8 +237,7 @@ class RemoteLayers:
         if ref.kind != Kind.REGISTRY:
             raise NotServable(f"{req.image_ref} is not a registry reference")
         client = self._client(ref.api_host)
-        if self._toc_head_start(client, ref.repository, req.layer_digest, labels):
-            self._hot_head_start(ref.api_host, ref.repository, req.layer_digest, labels)
+        self._toc_head_start(client, ref.repository, req.layer_digest, labels)
         manifest_digest = req.manifest_digest or self._find_manifest(
             client, ref.repository, ref.reference or "latest", req.layer_digest)
         manifest = self._manifest(client, ref.repository, manifest_digest)
@@ -368,40 +367,22 @@ class RemoteLayers:
         threading.Thread(target=run, name="zest-predict-early", daemon=True).start()
 
     def _toc_head_start(self, client: RegistryClient, repo: str, layer_digest: str,
-                        labels: Mapping[str, str]) -> bool:
+                        labels: Mapping[str, str]) -> None:
         """Fetch the TOC where the Prepare's label says, while the manifest is fetched: the
         first layer's TOC arrives a round trip sooner (for a base layer's 330 KB TOC at
-        100 Mbit/s, 20 ms, it came 60 ms after the manifest). False when there is no label
-        or the TOC is here or on its way already."""
+        100 Mbit/s, 20 ms, it came 60 ms after the manifest)."""
         hint = fmt.toc_hint(labels)
         if hint is None:
-            return False
+            return
         key = (layer_digest, hint.toc_offset, hint.toc_size)
         with self._lock:
             if (key in self._toc_bytes or hint.toc_digest.hex in self._toc_jobs
                     or (self.tocs / hint.toc_digest.hex).exists()):
-                return False  # here, or on its way since an earlier layer's Prepare
+                return  # here, or on its way since an earlier layer's Prepare
             self._toc_bytes[key] = self._pool.submit(client.read_range, repo, layer_digest,
                                                      hint.toc_offset, hint.toc_size)
             while len(self._toc_bytes) > 16:
                 self._toc_bytes.popitem(last=False)
-        return True
-
-    def _hot_head_start(self, host: str, repo: str, layer_digest: str,
-                        hints: Mapping[str, str]) -> None:
-        """Start the stream of a profiled layer's hot frames where its label says, beside
-        the TOC's fetch: otherwise it waits for the TOC to arrive and be parsed (a round
-        trip and 30-50 ms of CPU on two cores). The FUSE process holds the bytes until the
-        TOC names the frames, and checks each one then."""
-        span = fmt.hot_hint(hints)
-        if span is None or not self.prefetch:
-            return
-        try:
-            self.fuse.call("head_start", source=self._source(host, repo, layer_digest),
-                           offset=span[0], length=span[1])
-        except ControlError as exc:  # the frames come when the TOC names them
-            log.info("no hot head start", extra={"kv": {"layer": layer_digest,
-                                                        "reason": exc}})
 
     def _toc_payload(self, client: RegistryClient, repo: str, digest: str,
                      footer: fmt.Footer) -> bytes:
@@ -462,13 +443,14 @@ class RemoteLayers:
                         self._toc_jobs.pop(key, None)
 
             self._toc_jobs[key] = self._pool.submit(job)
-        if self.prefetch:
-            self._hot_head_start(host, repo, desc["digest"], desc.get("annotations") or {})
 
     def _warm(self, host: str, repo: str, desc: dict[str, Any], footer: fmt.Footer,
               profile: Profile | None, what: str, toc_path: Path) -> None:
         try:
-            self.fuse.call("warm", toc_path=str(toc_path),
+            # where the hot frames lie, from the descriptor: their stream starts before
+            # the FUSE process has parsed the TOC that names them
+            hot = fmt.hot_hint(desc.get("annotations") or {})
+            self.fuse.call("warm", toc_path=str(toc_path), hot=list(hot) if hot else None,
                            toc_digest=str(footer.toc_digest),
                            source=self._source(host, repo, desc["digest"]), what=what,
                            profile=profile.layers.get(desc["digest"], []) if profile else [])

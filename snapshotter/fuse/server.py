@@ -70,7 +70,10 @@ class _RegistryBlob:
 
     def open_range(self, offset: int, length: int) -> BinaryIO:
         started = self.early.take(self.digest, offset, length) if self.early else None
-        return started or self.client.open_range(self.repo, self.digest, offset, length)
+        return started or self.stream(offset, length)
+
+    def stream(self, offset: int, length: int) -> BinaryIO:
+        return self.client.open_range(self.repo, self.digest, offset, length)
 
     @property
     def multirange(self) -> bool | None:
@@ -142,10 +145,13 @@ class Server:
     def op_warm(self, req: dict[str, Any]) -> dict[str, Any]:
         """Start fetching the hot frames or prefetch list of a layer that containerd will ask
         for next."""
+        source, what = self._source(req["source"]), str(req.get("what", ""))
+        span = req.get("hot")
+        if span and isinstance(source, _RegistryBlob):  # the stream starts before the parse
+            self.head_starts.start(source.digest, int(span[0]), int(span[1]), source.stream)
         with self._lock:
             pending = self._pending.get(req["toc_digest"])
         toc = pending.tree.toc if pending else self._toc(req["toc_path"], req["toc_digest"])
-        source, what = self._source(req["source"]), str(req.get("what", ""))
         hot = frame_refs(toc)
         if hot:  # before the tree is built: the stream starts 20 ms sooner for a large layer
             self.prefetcher.warm(source, hot, what, stream=True)
@@ -157,17 +163,6 @@ class Server:
         if refs:
             self.prefetcher.warm(source, refs, what)
         return {"chunks": len(refs)}
-
-    def op_head_start(self, req: dict[str, Any]) -> dict[str, Any]:
-        """Start receiving a blob range (a profiled layer's hot frames) that a TOC not yet
-        here will name; `warm`'s stream takes it."""
-        source = self._source(req["source"])
-        if not isinstance(source, _RegistryBlob):
-            return {"started": False}
-        started = self.head_starts.start(
-            source.digest, int(req["offset"]), int(req["length"]),
-            lambda off, n: source.client.open_range(source.repo, source.digest, off, n))
-        return {"started": started}
 
     def op_add(self, req: dict[str, Any]) -> dict[str, Any]:
         name = str(req["name"])

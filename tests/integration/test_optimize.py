@@ -56,7 +56,7 @@ def test_profile_round_trip(node_factory: Callable[..., Node], python_image: str
     assert len(prefetch_requests) > len(m["layers"])  # the hot frames crossed before the run
     tocs = {int(x["annotations"]["dev.zest.toc.offset"]) for x in m["layers"]}
     # each layer names its hot frames' place, and its hot stream starts with its TOC fetch
-    hot = {int(x["annotations"][fmt.LABEL_HOT].split(",")[0]) for x in m["layers"]}
+    hot = {int(x["annotations"][fmt.ANN_HOT].split(",")[0]) for x in m["layers"]}
     first = {int((r.range or "").split("=")[1].split("-")[0])
              for r in prefetch_requests[:len(tocs) + len(hot)]}
     # all TOCs and hot streams before any chunk: the first Prepare asked for every one

@@ -80,10 +80,10 @@ def test_the_label_spans_the_hot_frames_up_to_the_toc() -> None:
     assert span == (first.blob_offset,
                     footer.toc_offset - fmt.SKIPPABLE_HEADER_SIZE - first.blob_offset)
     assert hot.frames_span(_toc(_layer(FILES)[1])) is None  # no profile, no label
-    label = {fmt.LABEL_HOT: f"{span[0]},{span[1]}"}
+    label = {fmt.ANN_HOT: f"{span[0]},{span[1]}"}
     assert fmt.hot_hint(label) == span
     for bad in ("", "1", "a,b", "-1,5", "5,0", f"0,{fmt.MAX_HOT_HINT + 1}", "1,2,3"):
-        assert fmt.hot_hint({fmt.LABEL_HOT: bad}) is None, bad
+        assert fmt.hot_hint({fmt.ANN_HOT: bad}) is None, bad
     assert fmt.hot_hint({}) is None
 
 

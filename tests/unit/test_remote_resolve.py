@@ -142,24 +142,14 @@ class FakeFuse:
         return {}
 
 
-def test_a_hot_label_starts_the_frames_stream_with_the_toc_and_only_then(
-        tmp_path: Path) -> None:
+def test_warm_passes_the_hot_frames_place_from_the_descriptor(tmp_path: Path) -> None:
     fuse = FakeFuse()
     remote = RemoteLayers(tmp_path, cast(Any, fuse))
-    payload, footer = _toc_payload(chunk_end=5)
-    client = CountingClient(b"junk" + payload)
-    footer = fmt.Footer(4, len(payload), footer.toc_digest)
-    labels = {fmt.LABEL_TOC: fmt.toc_annotations(footer)[fmt.LABEL_TOC],
-              fmt.LABEL_HOT: "100,2000"}
+    _, footer = _toc_payload(chunk_end=5)
     digest = "sha256:" + "e" * 64
-    if remote._toc_head_start(cast(Any, client), "app", digest, labels):
-        remote._hot_head_start("reg.example", "app", digest, labels)
-    assert [(op, kw["offset"], kw["length"], kw["source"]["digest"])
-            for op, kw in fuse.calls] == [("head_start", 100, 2000, digest)]
-    # the TOC is on its way: a second Prepare of the layer starts neither again
-    assert not remote._toc_head_start(cast(Any, client), "app", digest, labels)
-    remote._hot_head_start("reg.example", "app", digest, {fmt.LABEL_HOT: "oops"})
-    assert len(fuse.calls) == 1  # a label that does not parse is no hint
-    off = RemoteLayers(tmp_path / "off", cast(Any, fuse), prefetch=False)
-    off._hot_head_start("reg.example", "app", digest, labels)
-    assert len(fuse.calls) == 1  # prefetch off: nothing fetched ahead
+    for ann, want in (({fmt.ANN_HOT: "100,2000"}, [100, 2000]), ({fmt.ANN_HOT: "x"}, None),
+                      ({}, None)):
+        remote._warm("reg.example", "app", {"digest": digest, "annotations": ann}, footer,
+                     None, "layer", tmp_path / "toc")
+        op, kw = fuse.calls[-1]
+        assert op == "warm" and kw["hot"] == want and kw["source"]["digest"] == digest
