@@ -45,12 +45,13 @@ class Elf:
     # absolute paths named in the file (`named_paths`); the converter fills them in
     paths: list[str] = field(default_factory=list)
     text: int = 0  # bytes in executable segments
+    code: list[tuple[int, int]] = field(default_factory=list)  # the executable segments
 
     def to_proto(self) -> toc_pb2.Elf:
         return toc_pb2.Elf(interp=self.interp or "", needed=self.needed, runpath=self.runpath,
                            loader=[x for pair in self.loader for x in pair],
                            cold=[x for pair in self.cold for x in pair], paths=self.paths,
-                           text=self.text)
+                           text=self.text, code=[x for pair in self.code for x in pair])
 
     @classmethod
     def from_proto(cls, msg: toc_pb2.Elf, size: int) -> Elf:
@@ -60,7 +61,7 @@ class Elf:
                    list(msg.runpath[:_MAX_NAMES]), _ranges(msg.loader, size),
                    _ranges(msg.cold, size),
                    [p for p in msg.paths[:MAX_PATHS] if p.startswith("/") and len(p) < 256],
-                   min(msg.text, size))
+                   min(msg.text, size), _ranges(msg.code, size))
 
 
 def _ranges(flat: Sequence[int], size: int) -> list[tuple[int, int]]:
@@ -101,7 +102,7 @@ def parse_elf(read: Callable[[int, int], bytes], sections: bool = False) -> Elf 
         return None
     loads: list[tuple[int, int, int]] = []
     loader = [(0, phoff + phentsize * phnum)]
-    text = 0
+    code: list[tuple[int, int]] = []
     interp = None
     dynamic = None
     for i in range(phnum):
@@ -112,7 +113,7 @@ def parse_elf(read: Callable[[int, int], bytes], sections: bool = False) -> Elf 
                 loader.append((p_offset, min(p_filesz, LOADER_CAP)))
             loads.append((p_vaddr, p_offset, p_filesz))
             if p_flags & _PF_X:
-                text += p_filesz
+                code.append((p_offset, p_filesz))
         elif p_type == 3:
             interp = read(p_offset, min(p_filesz, 4096)).split(b"\0")[0].decode(
                 errors="replace")
@@ -120,8 +121,10 @@ def parse_elf(read: Callable[[int, int], bytes], sections: bool = False) -> Elf 
             dynamic = (p_offset, min(p_filesz, 1 << 20))
             loader.append(dynamic)
     cold = _cold_sections(read, head) if sections else []
+    text = sum(n for _, n in code)
+    code = code[:_MAX_RANGES]
     if dynamic is None:
-        return Elf(interp, [], [], loader, cold, text=text)
+        return Elf(interp, [], [], loader, cold, text=text, code=code)
     dyn = read(*dynamic)
     tags: list[tuple[int, int]] = []
     for i in range(0, len(dyn) - 15, 16):
@@ -131,10 +134,10 @@ def parse_elf(read: Callable[[int, int], bytes], sections: bool = False) -> Elf 
         tags.append((tag, val))
     strtab = next((v for t, v in tags if t == 5), None)
     if strtab is None:
-        return Elf(interp, [], [], loader, cold, text=text)
+        return Elf(interp, [], [], loader, cold, text=text, code=code)
     off = next((o + strtab - va for va, o, sz in loads if va <= strtab < va + sz), None)
     if off is None:
-        return Elf(interp, [], [], loader, cold, text=text)
+        return Elf(interp, [], [], loader, cold, text=text, code=code)
 
     def string(i: int) -> str:
         # one name at a time: a C++ library's string table runs to megabytes
@@ -144,7 +147,7 @@ def parse_elf(read: Callable[[int, int], bytes], sections: bool = False) -> Elf 
 
     needed = [string(v) for t, v in tags if t == 1][:_MAX_NAMES]
     runpath = [p for t, v in tags if t in (15, 29) for p in string(v).split(":") if p]
-    return Elf(interp, needed, runpath[:_MAX_NAMES], loader, cold, text=text)
+    return Elf(interp, needed, runpath[:_MAX_NAMES], loader, cold, text=text, code=code)
 
 
 def _cold_sections(read: Callable[[int, int], bytes], head: bytes) -> list[tuple[int, int]]:

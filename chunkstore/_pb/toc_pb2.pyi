@@ -85,7 +85,7 @@ class Entry(_message.Message):
     def __init__(self, name: _Optional[bytes] = ..., type: _Optional[_Union[EntryType, str]] = ..., mode: _Optional[int] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., uname: _Optional[str] = ..., gname: _Optional[str] = ..., size: _Optional[int] = ..., mtime: _Optional[int] = ..., mtime_nsec: _Optional[int] = ..., linkname: _Optional[bytes] = ..., devmajor: _Optional[int] = ..., devminor: _Optional[int] = ..., xattrs: _Optional[_Iterable[_Union[Xattr, _Mapping]]] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., header_offset: _Optional[int] = ..., elf: _Optional[_Union[Elf, _Mapping]] = ...) -> None: ...
 
 class Elf(_message.Message):
-    __slots__ = ("interp", "needed", "runpath", "loader", "paths", "cold", "text")
+    __slots__ = ("interp", "needed", "runpath", "loader", "paths", "cold", "text", "code")
     INTERP_FIELD_NUMBER: _ClassVar[int]
     NEEDED_FIELD_NUMBER: _ClassVar[int]
     RUNPATH_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +93,7 @@ class Elf(_message.Message):
     PATHS_FIELD_NUMBER: _ClassVar[int]
     COLD_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
     interp: str
     needed: _containers.RepeatedScalarFieldContainer[str]
     runpath: _containers.RepeatedScalarFieldContainer[str]
@@ -100,7 +101,8 @@ class Elf(_message.Message):
     paths: _containers.RepeatedScalarFieldContainer[str]
     cold: _containers.RepeatedScalarFieldContainer[int]
     text: int
-    def __init__(self, interp: _Optional[str] = ..., needed: _Optional[_Iterable[str]] = ..., runpath: _Optional[_Iterable[str]] = ..., loader: _Optional[_Iterable[int]] = ..., paths: _Optional[_Iterable[str]] = ..., cold: _Optional[_Iterable[int]] = ..., text: _Optional[int] = ...) -> None: ...
+    code: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, interp: _Optional[str] = ..., needed: _Optional[_Iterable[str]] = ..., runpath: _Optional[_Iterable[str]] = ..., loader: _Optional[_Iterable[int]] = ..., paths: _Optional[_Iterable[str]] = ..., cold: _Optional[_Iterable[int]] = ..., text: _Optional[int] = ..., code: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class HotFrame(_message.Message):
     __slots__ = ("blob_offset", "compressed_size", "size", "digest")

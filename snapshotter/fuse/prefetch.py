@@ -150,15 +150,19 @@ class Prefetcher:
                 # would hold back the rest of the list
                 todo = [(layer, r) for layer, r in wanted if not self.fetcher.is_coming(r)]
                 jobs = []
+                first = 0  # the list's order holds across waves: a later wave ranks after
                 for wave in _runs(todo, lambda pair: pair[1].compressed_size, _WAVE_BYTES):
                     # by layer object: a layer warmed ahead of its add has no name yet
                     by_layer: dict[int, tuple[Layer, list[ChunkRef]]] = {}
                     for layer, r in wave:
                         by_layer.setdefault(id(layer), (layer, []))[1].append(r)
+                    last = first
                     for layer, refs in by_layer.values():
                         for rank, batch in self._requests(layer.source, refs):
-                            jobs.append(self._pool.submit(rank, self._fetch_batch, layer,
-                                                          batch, False, 0.0))
+                            last = max(last, first + rank)
+                            jobs.append(self._pool.submit(first + rank, self._fetch_batch,
+                                                          layer, batch, False, 0.0))
+                    first = last + 1
                 for job in jobs:
                     job.result()
             except Exception as exc:  # best effort, like all prefetching

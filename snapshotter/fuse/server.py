@@ -219,8 +219,11 @@ class Server:
         def fetch_whole(files: list[Found]) -> None:
             todo = [f for f in files if (id(f.layer), f.local) not in sent]
             sent.update((id(f.layer), f.local) for f in todo)
-            self.prefetcher.fetch_files([(f.layer, r) for f in todo
-                                         for r in map(chunk_ref, predictor.chunks(f))])
+            parts = [predictor.chunks(f) for f in todo]
+            # then the code of large programs (Predictor.chunks)
+            self.prefetcher.fetch_files([(f.layer, chunk_ref(c)) for i in (0, 1)
+                                         for f, part in zip(todo, parts, strict=True)
+                                         for c in part[i]])
 
         found = predictor.predict(req.get("argv") or [], req.get("env") or [],
                                   str(req.get("workdir") or "/"), early=fetch_whole)

@@ -146,9 +146,11 @@ def test_with_the_converters_record_finding_libraries_reads_nothing(tmp_path: Pa
 def test_a_toc_claiming_more_than_a_file_holds_is_kept_inside_it() -> None:
     msg = Elf("/lib/ld.so", ["libc.so.6"], [], [(0, 64), (900, 500), (5000, 10)],
               [(800, 400)], ["/etc/a", "relative", "/x" * 200,
-                             *(f"/etc/f{i}" for i in range(100))]).to_proto()
+                             *(f"/etc/f{i}" for i in range(100))], text=600,
+              code=[(100, 300), (950, 400), (2000, 5)]).to_proto()
     got = Elf.from_proto(msg, 1000)
     assert got.loader == [(0, 64), (900, 100)] and got.cold == [(800, 200)]
+    assert got.code == [(100, 300), (950, 50)]
     assert got.needed == ["libc.so.6"] and got.interp == "/lib/ld.so"
     assert got.paths[0] == "/etc/a" and "relative" not in got.paths
     assert all(len(p) < 256 for p in got.paths) and len(got.paths) <= 64
@@ -178,11 +180,21 @@ def test_a_whole_file_prefetch_leaves_out_the_unwinding_tables(tmp_path: Path) -
     inside = [c for c in libc.entry.chunks if any(
         o <= c.file_offset and c.file_offset + c.size <= o + n for o, n in elf.cold)]
     assert inside  # with 64 KiB chunks, some hold nothing but unwinding tables
-    kept = pred.chunks(libc)
+    kept, deferred = pred.chunks(libc)
+    assert not deferred  # libc's code is small: in file order with the rest
     assert [c.blob_offset for c in kept] == [
         c.blob_offset for c in libc.entry.chunks if c not in inside]
+    pred.large_code = 0  # as for libnode
+    rest, code = pred.chunks(libc)
+    assert sorted(c.blob_offset for c in rest + code) == [c.blob_offset for c in kept]
+    # the chunks wholly inside the executable segment come last, the rest in file order
+    assert elf.code and code and rest
+    assert all(any(o <= c.file_offset and c.file_offset + c.size <= o + n for o, n in elf.code)
+               for c in code)
+    assert [c.file_offset for c in rest] == sorted(c.file_offset for c in rest)
+    assert rest[0].file_offset == 0
     motd = pred.view.lookup("/etc/motd")
-    assert motd is not None and pred.chunks(motd) == list(motd.entry.chunks)
+    assert motd is not None and pred.chunks(motd) == (list(motd.entry.chunks), [])
 
 
 @needs_host_libs

@@ -74,6 +74,33 @@ def test_waves_grow() -> None:
     assert sum(len(w) for w in waves) == 100
 
 
+def test_a_list_of_files_is_fetched_in_its_order_across_waves(tmp_path: Path) -> None:
+    """A predicted list puts every file's data before any file's code: a later wave must not
+    overtake an earlier one (ranks restarted at each wave did)."""
+    layer, src = _layer(tmp_path)
+    prefetcher = Prefetcher(Fetcher(ChunkCache(tmp_path / "cache", 10**8)), parallel=1,
+                            background=False)
+    entry = layer.tree.entry(_ino(layer, b"big"))
+    assert entry is not None
+    wanted = [(layer, chunk_ref(c)) for c in reversed(entry.chunks)]
+    gate = threading.Event()
+    prefetcher._pool.submit(-1, gate.wait)  # the one worker waits until every job is queued
+    prefetcher.fetch_files(wanted)
+    _wait(lambda: prefetcher._pool._queue.qsize() >= 5)
+    time.sleep(0.1)
+    gate.set()
+    _wait(lambda: all(prefetcher.fetcher.is_cached(r) for _, r in wanted))
+
+    def asked(r: ChunkRef) -> int:  # which request brought the chunk
+        return next(i for i, (off, n) in enumerate(src.requests)
+                    if off <= r.blob_offset < off + n)
+
+    waves = _split((r for _, r in wanted), 2 << 20)
+    assert len(waves) == 2
+    assert max(map(asked, waves[0])) < min(map(asked, waves[1]))
+    prefetcher.shutdown()
+
+
 def _whole_file_reader(tmp_path: Path) -> tuple[Layer, MultiBlob, Fetcher, Prefetcher, Reader, int,
                                                 toc_pb2.Entry]:
     """A layer, its blob, and a reader with whole-file fetching on; `big` and its entry."""
