@@ -220,7 +220,7 @@ class Server:
             todo = [f for f in files if (id(f.layer), f.local) not in sent]
             sent.update((id(f.layer), f.local) for f in todo)
             parts = [predictor.chunks(f) for f in todo]
-            # then the code of large programs (Predictor.chunks)
+            # every file's first part, then every file's last (a large program's code)
             self.prefetcher.fetch_files([(f.layer, chunk_ref(c)) for i in (0, 1)
                                          for f, part in zip(todo, parts, strict=True)
                                          for c in part[i]])

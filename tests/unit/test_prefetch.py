@@ -75,8 +75,8 @@ def test_waves_grow() -> None:
 
 
 def test_a_list_of_files_is_fetched_in_its_order_across_waves(tmp_path: Path) -> None:
-    """A predicted list puts every file's data before any file's code: a later wave must not
-    overtake an earlier one (ranks restarted at each wave did)."""
+    """A predicted list puts a large program's code after every file's data: a later wave
+    must not overtake an earlier one (ranks restarted at each wave did)."""
     layer, src = _layer(tmp_path)
     prefetcher = Prefetcher(Fetcher(ChunkCache(tmp_path / "cache", 10**8)), parallel=1,
                             background=False)
