@@ -216,6 +216,10 @@ class Fetcher:
                                                  for g in groups])
                 for group, blob in zip(groups, blobs, strict=True):
                     out.update(self._decode_group(source, group, blob, what, demand))
+            elif isinstance(source, StreamingSource):
+                for group in groups:  # each chunk to its waiters the moment it is in
+                    for ref, data in self._stream_group(source, group, what, demand):
+                        out[ref.digest] = data
             else:
                 for group in groups:
                     start, end = group[0].blob_offset, group[-1].end
@@ -255,22 +259,9 @@ class Fetcher:
         left = {r.digest for r in owned}
         try:
             if owned:
-                start = owned[0].blob_offset
-                with source.open_range(start, owned[-1].end - start) as f:
-                    with self._lock:
-                        self.stats.requests += 1
-                    pos = start
-                    for ref in owned:
-                        _read_exact(f, ref.blob_offset - pos)  # a gap: frames not asked for
-                        frame = _read_exact(f, ref.compressed_size)
-                        pos = ref.end
-                        with self._lock:
-                            self.stats.bytes_fetched += ref.compressed_size
-                            self.stats.chunks_fetched += 1
-                        data = self._verified(source, ref, frame, what, False)
-                        left.discard(ref.digest)
-                        self._finish({ref.digest}, {ref.digest: data}, None)
-                        yield ref, data
+                for ref, data in self._stream_group(source, owned, what, False):
+                    left.discard(ref.digest)
+                    yield ref, data
         except GeneratorExit:
             raise
         except BaseException as exc:
@@ -286,6 +277,29 @@ class Fetcher:
         by_digest = {r.digest: r for r in missing}
         for digest, fut in waiting.items():
             yield by_digest[digest], fut.result()
+
+    def _stream_group(self, source: StreamingSource, group: Sequence[ChunkRef], what: str,
+                      demand: bool) -> Iterator[tuple[ChunkRef, bytes]]:
+        """One range request over `group` (in blob order), each chunk verified, cached and
+        handed to whoever waits for it as soon as its frame is in: a read that joined a
+        prefetch waits for its own chunk, not for the whole request (a megabyte shared with
+        three others is 300 ms at 100 Mbit/s)."""
+        start = group[0].blob_offset
+        with source.open_range(start, group[-1].end - start) as f:
+            with self._lock:
+                self.stats.requests += 1
+            pos = start
+            for ref in group:
+                gap = ref.blob_offset - pos
+                _read_exact(f, gap)  # frames not asked for
+                frame = _read_exact(f, ref.compressed_size)
+                pos = ref.end
+                with self._lock:
+                    self.stats.bytes_fetched += gap + ref.compressed_size
+                    self.stats.chunks_fetched += 1
+                data = self._verified(source, ref, frame, what, demand)
+                self._finish({ref.digest}, {ref.digest: data}, None)
+                yield ref, data
 
     def _claim(self, refs: Sequence[ChunkRef]) -> tuple[list[ChunkRef], dict[bytes, Future[bytes]]]:
         """Which chunks this caller fetches (now marked in flight), and the futures of those

@@ -218,7 +218,8 @@ def test_stream_hands_out_each_chunk_as_it_arrives_and_reads_join_it(tmp_path: P
     got = [next(it) for _ in range(6)]  # refs 0..5 are out while the rest still hangs
     assert [r for r, _ in got] == refs[:6]
     assert all(data == content[r.digest] for r, data in got)
-    assert src.streams == [(refs[1].blob_offset, refs[-1].end - refs[1].blob_offset)]
+    assert src.streams == [(refs[0].blob_offset, refs[0].compressed_size),  # the get
+                           (refs[1].blob_offset, refs[-1].end - refs[1].blob_offset)]
     joined: list[bytes] = []
     t = threading.Thread(target=lambda: joined.extend(f.get(src, [refs[8]])))
     t.start()  # a read of a chunk the stream owns waits for the stream
@@ -229,7 +230,28 @@ def test_stream_hands_out_each_chunk_as_it_arrives_and_reads_join_it(tmp_path: P
     t.join(5)
     assert [r for r, _ in rest] == refs[6:]
     assert joined == [content[refs[8].digest]]
-    assert src.requests == [(refs[0].blob_offset, refs[0].compressed_size)]  # no other fetch
+    assert len(src.streams) == 2 and src.requests == []  # no other fetch
+
+
+def test_a_read_that_joins_a_prefetch_gets_its_chunk_before_the_request_ends(
+        tmp_path: Path) -> None:
+    """A prefetch's range request hands each chunk out as its frame arrives: a read waiting
+    for the second chunk of a megabyte request does not wait for the megabyte."""
+    blob, refs, content = _layer()
+    src = StreamBlob(blob.data)
+    f = Fetcher(ChunkCache(tmp_path, 10**7))
+    src.stall_after = refs[4].blob_offset - refs[0].blob_offset  # stalls before chunk 4
+    prefetch = threading.Thread(target=f.get, args=(src, refs), kwargs={"demand": False})
+    prefetch.start()
+    deadline = time.monotonic() + 5
+    while not f.is_coming(refs[2]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert f.get(src, [refs[2]]) == [content[refs[2].digest]]  # while the request hangs
+    assert prefetch.is_alive() and not f.is_cached(refs[5])
+    src.release.set()
+    prefetch.join(5)
+    assert f.is_cached(refs[-1])
+    assert src.streams == [(refs[0].blob_offset, refs[-1].end - refs[0].blob_offset)]
 
 
 @pytest.mark.allow_log_errors
