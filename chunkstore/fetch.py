@@ -205,9 +205,26 @@ class Fetcher:
                 return 0.0
             return time.monotonic() - self.last_demand_fetch
 
+    def prefetch(self, source: RangeSource, refs: Sequence[ChunkRef], what: str = "") -> None:
+        """Bring `refs` into the cache, as background work (see `get`). A chunk here already
+        or on its way in another fetch is left alone: a prefetch thread waiting for a read's
+        fetch leaves the link idle while the rest of its list waits behind it."""
+        owned, _ = self._claim([r for r in refs if not self.is_cached(r)])
+        if owned:
+            self._fetch_owned(source, owned, what, False)
+
     def _fetch(self, source: RangeSource, refs: list[ChunkRef], what: str,
                demand: bool) -> dict[bytes, bytes]:
         owned, waiting = self._claim(refs)
+        out = self._fetch_owned(source, owned, what, demand) if owned else {}
+        for digest, fut in waiting.items():
+            out[digest] = fut.result()
+        return out
+
+    def _fetch_owned(self, source: RangeSource, owned: list[ChunkRef], what: str,
+                     demand: bool) -> dict[bytes, bytes]:
+        """Fetch the chunks this caller claimed; on failure, whoever waits for them gets the
+        error."""
         out: dict[bytes, bytes] = {}
         try:
             groups = self._groups(sorted(owned, key=lambda r: r.blob_offset))
@@ -232,8 +249,6 @@ class Fetcher:
             if err is exc:
                 raise
             raise err from exc
-        for digest, fut in waiting.items():
-            out[digest] = fut.result()
         return out
 
     def stream(self, source: RangeSource, refs: Sequence[ChunkRef],

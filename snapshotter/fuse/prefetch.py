@@ -182,8 +182,8 @@ class Prefetcher:
                         pass
                     return
                 todo = [r for r in refs if not self.fetcher.is_cached(r)]
-                jobs = [self._pool.submit(rank, self.fetcher.get, source, batch,
-                                          f"{what} (prefetch)", demand=False)
+                jobs = [self._pool.submit(rank, self.fetcher.prefetch, source, batch,
+                                          f"{what} (prefetch)")
                         for rank, batch in self._requests(source, todo)]
                 for job in jobs:
                     job.result()
@@ -293,5 +293,5 @@ class Prefetcher:
         with self._lock:
             if layer.name in self._stopped:
                 return
-        self.fetcher.get(layer.source, batch, f"{layer.what} (prefetch)", demand=False)
+        self.fetcher.prefetch(layer.source, batch, f"{layer.what} (prefetch)")
         layer.prefetch_done += len(batch)

@@ -91,6 +91,12 @@ class Reader:
         misses = layer.file_misses[local] = layer.file_misses.get(local, 0) + 1
         return misses >= max(2, len(e.chunks) // (4 if _data(layer, e) else 16))
 
+    def _in_a_run(self, layer: Layer, local: int, first: int) -> bool:
+        """Whether the chunk before file offset `first` is here: the file is being read
+        through, not sampled."""
+        before = layer.tree.chunks_for(local, first - 1, 1)[1] if first else []
+        return bool(before) and self.fetcher.is_cached(before[0])
+
     def read_local(self, layer: Layer, local: int, offset: int, size: int) -> bytes | None:
         """The read from local chunks alone, or None when one must be fetched (or read from
         disk and checked whole the first time)."""
@@ -178,10 +184,11 @@ class Reader:
                 self.on_miss(wanted)
         extra = layer.tree.following(refs[-1], self.readahead) if self.readahead else []
         if (record and self.whole_file and not extra and e.size > SMALL_FILE
-                and _data(layer, e)):
+                and _data(layer, e) and self._in_a_run(layer, local, first)):
             # with whole-file fetching, whose fourth of misses a large data file may never
-            # reach: its next chunk rides along. ICU's is read in short runs of neighbouring
-            # chunks (initdb: 19 chunks, 6 of them in one run) while the link is idle
+            # reach: in a run, its next chunk rides along. ICU's is read in short runs of
+            # neighbouring chunks (initdb: 19 chunks, 6 of them in one run) while the link is
+            # idle; node reads 4 of its chunks, none next to another
             extra = layer.tree.chunks_for(local, first + sum(r.size for r in refs), 1)[1]
         datas = self.fetcher.get(layer.source, refs, what, readahead=extra)
         buf = b"".join(datas) if len(datas) > 1 else datas[0]

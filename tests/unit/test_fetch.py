@@ -254,6 +254,29 @@ def test_a_read_that_joins_a_prefetch_gets_its_chunk_before_the_request_ends(
     assert src.streams == [(refs[0].blob_offset, refs[-1].end - refs[0].blob_offset)]
 
 
+def test_prefetch_leaves_chunks_on_their_way_to_their_fetch(tmp_path: Path) -> None:
+    """A prefetch thread fetches what nobody fetches yet and returns: waiting for a read's
+    chunks would leave the link idle while the rest of its list waits."""
+    blob, refs, content = _layer()
+    src = StreamBlob(blob.data)
+    f = Fetcher(ChunkCache(tmp_path, 10**7))
+    src.stall_after = 0  # the read's request hangs until released
+    read = threading.Thread(target=f.get, args=(src, refs[:3]))
+    read.start()
+    deadline = time.monotonic() + 5
+    while not f.is_coming(refs[0]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    src.stall_after = None
+    f.prefetch(src, refs)  # returns with the read still hanging
+    assert read.is_alive()
+    assert all(f.is_cached(r) for r in refs[3:]) and not f.is_cached(refs[0])
+    assert src.streams[1] == (refs[3].blob_offset, refs[-1].end - refs[3].blob_offset)
+    src.release.set()
+    read.join(5)
+    assert f.get(src, refs[:3]) == [content[r.digest] for r in refs[:3]]
+    assert len(src.streams) == 2  # nothing fetched twice
+
+
 @pytest.mark.allow_log_errors
 def test_stream_verifies_and_a_stream_left_early_releases_its_chunks(tmp_path: Path) -> None:
     blob, refs, content = _layer()
