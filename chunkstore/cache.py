@@ -37,6 +37,22 @@ from chunkstore.digest import Digest
 log = logging.getLogger(__name__)
 
 _TOUCH_INTERVAL = 60.0  # seconds between mtime bumps of one chunk
+_SIZE_BITS = 32
+
+
+# An index entry is one int, last use (whole seconds) | size | verified by this process: a
+# node's cache holds a chunk for every small file it has read (23,000 for the ten bench
+# images), and a tuple of three objects under a hex string key cost 330 bytes a chunk.
+def _entry(size: int, used: float, verified: bool) -> int:
+    return int(used) << (_SIZE_BITS + 1) | size << 1 | verified
+
+
+def _size(entry: int) -> int:
+    return entry >> 1 & ((1 << _SIZE_BITS) - 1)
+
+
+def _last_use(entry: int) -> int:
+    return entry >> (_SIZE_BITS + 1)
 
 
 @dataclass(frozen=True)
@@ -59,8 +75,8 @@ class ChunkCache:
         self._chunks.mkdir(parents=True, exist_ok=True)
         self._tmp.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        # digest hex -> (size, last use, verified by this process); ordered oldest first
-        self._index: OrderedDict[str, tuple[int, float, bool]] = OrderedDict()
+        # raw digest -> _entry(size, last use, verified); ordered oldest first
+        self._index: OrderedDict[bytes, int] = OrderedDict()
         self._dirs: set[str] = set()  # fan-out directories known to exist
         self._tmp_names = itertools.count()
         self._total = 0
@@ -73,93 +89,99 @@ class ChunkCache:
             p.unlink(missing_ok=True)
 
     def _load(self) -> None:
-        found: list[tuple[float, str, int]] = []
+        found: list[tuple[float, bytes, int]] = []
         for sub in self._chunks.iterdir():
             for p in sub.iterdir() if sub.is_dir() else ():
                 try:
+                    key = bytes.fromhex(p.name)
                     st = p.stat()
-                except FileNotFoundError:
-                    continue
-                found.append((st.st_mtime, p.name, st.st_size))
+                except (ValueError, FileNotFoundError):
+                    continue  # not a chunk's name (left alone), or gone
+                if len(key) == 32 and st.st_size < 1 << _SIZE_BITS:
+                    found.append((st.st_mtime, key, st.st_size))
         found.sort()
-        for mtime, name, size in found:
-            self._index[name] = (size, mtime, False)
+        for mtime, key, size in found:
+            self._index[key] = _entry(size, mtime, False)
             self._total += size
 
-    def _path(self, hexdigest: str) -> Path:
-        return self._chunks / hexdigest[:2] / hexdigest
+    def _path(self, key: bytes) -> Path:
+        h = key.hex()
+        return self._chunks / h[:2] / h
 
     def __contains__(self, digest: Digest) -> bool:
         with self._lock:
-            return digest.hex in self._index
+            return digest.raw in self._index
 
     def get(self, digest: Digest) -> bytes | None:
         """The chunk's bytes, verified, or None when absent (or found corrupt and dropped)."""
-        h = digest.hex
+        key = digest.raw
         try:
-            with open(self._path(h), "rb") as f:
+            with open(self._path(key), "rb") as f:
                 data = f.read()
         except FileNotFoundError:
             with self._lock:
                 self.misses += 1
-                entry = self._index.pop(h, None)
-                if entry:
-                    self._total -= entry[0]
+                entry = self._index.pop(key, None)
+                if entry is not None:
+                    self._total -= _size(entry)
             return None
         if hashlib.sha256(data).digest() != digest.raw:
             log.warning("dropping corrupt cached chunk", extra={"kv": {"digest": str(digest)}})
-            self._drop(h)
+            self._drop(key)
             with self._lock:
                 self.corrupt += 1
                 self.misses += 1
             return None
-        self._used(h, len(data))
+        self._used(key, len(data))
         return data
 
-    def _used(self, h: str, size: int) -> None:
+    def _used(self, key: bytes, size: int) -> None:
         """A hit: move the chunk to the young end, mark it verified, and bump its mtime (at
         most once a minute) so that recency survives a restart."""
         now = time.time()
         with self._lock:
             self.hits += 1
-            old = self._index.pop(h, None)
+            old = self._index.pop(key, None)
             if old is None:
                 self._total += size
-            touch = old is None or now - old[1] > _TOUCH_INTERVAL
-            self._index[h] = (size, now if touch or old is None else old[1], True)
+            touch = old is None or now - _last_use(old) > _TOUCH_INTERVAL
+            self._index[key] = _entry(size, now if touch or old is None else _last_use(old),
+                                      True)
         if touch:
             with contextlib.suppress(FileNotFoundError):
-                os.utime(self._path(h))
+                os.utime(self._path(key))
 
     def read(self, digest: Digest, offset: int, length: int) -> bytes | None:
         """Bytes [offset, offset+length) of a chunk this process has verified, by one pread;
         None when it has not (then `get` reads and checks it whole) or it is gone."""
-        h = digest.hex
+        key = digest.raw
         with self._lock:
-            entry = self._index.get(h)
-            if entry is None or not entry[2]:
+            entry = self._index.get(key)
+            if entry is None or not entry & 1:
                 return None
         try:
-            fd = os.open(self._path(h), os.O_RDONLY)
+            fd = os.open(self._path(key), os.O_RDONLY)
         except FileNotFoundError:
-            self._drop(h)
+            self._drop(key)
             return None
         try:
             data = os.pread(fd, length, offset)
         finally:
             os.close(fd)
-        if len(data) != min(length, max(entry[0] - offset, 0)):
-            self._drop(h)  # replaced or cut short behind our back: fetch it again
+        if len(data) != min(length, max(_size(entry) - offset, 0)):
+            self._drop(key)  # replaced or cut short behind our back: fetch it again
             return None
-        self._used(h, entry[0])
+        self._used(key, _size(entry))
         return data
 
     def put(self, digest: Digest, data: bytes) -> None:
         """Store verified bytes (the caller verified them; they are named by their digest)."""
-        h = digest.hex
-        path = self._path(h)
+        if len(data) >> _SIZE_BITS:
+            raise ValueError(f"chunk of {len(data)} bytes is larger than the cache indexes")
+        key, h = digest.raw, digest.hex
+        path = self._path(key)
         with self._lock:
-            if h in self._index:
+            if key in self._index:
                 return
         if h[:2] not in self._dirs:
             path.parent.mkdir(exist_ok=True)
@@ -174,30 +196,30 @@ class ChunkCache:
             os.close(fd)
         os.replace(tmp, path)
         with self._lock:
-            if h not in self._index:
-                self._index[h] = (len(data), time.time(), True)
+            if key not in self._index:
+                self._index[key] = _entry(len(data), time.time(), True)
                 self._total += len(data)
             over = self._total > self.max_bytes
         if over:
             self._evict(int(self.max_bytes * 0.9))
 
-    def _drop(self, h: str) -> None:
-        self._path(h).unlink(missing_ok=True)
+    def _drop(self, key: bytes) -> None:
+        self._path(key).unlink(missing_ok=True)
         with self._lock:
-            entry = self._index.pop(h, None)
-            if entry:
-                self._total -= entry[0]
+            entry = self._index.pop(key, None)
+            if entry is not None:
+                self._total -= _size(entry)
 
     def _evict(self, target: int) -> int:
-        victims: list[str] = []
+        victims: list[bytes] = []
         with self._lock:
             while self._total > target and self._index:
-                h, (size, _, _) = self._index.popitem(last=False)
-                self._total -= size
-                victims.append(h)
+                key, entry = self._index.popitem(last=False)
+                self._total -= _size(entry)
+                victims.append(key)
             self.evictions += len(victims)
-        for h in victims:
-            self._path(h).unlink(missing_ok=True)
+        for key in victims:
+            self._path(key).unlink(missing_ok=True)
         if victims:
             log.info("evicted chunks", extra={"kv": {"count": len(victims), "bytes": self._total}})
         return len(victims)

@@ -99,3 +99,28 @@ def test_read_of_a_file_gone_or_cut_short_drops_the_chunk(tmp_path: Path) -> Non
     assert c.read(cut[0], 0, 100) is None
     assert gone[0] not in c and cut[0] not in c
     assert c.stats().chunks == 0
+
+
+def test_a_restart_indexes_chunk_files_only(tmp_path: Path) -> None:
+    """A file in the chunk directories whose name is not a digest (an operator's copy, an
+    editor's backup) is neither indexed nor counted nor evicted."""
+    c = ChunkCache(tmp_path, 10**6)
+    d, data = _chunk(4, 3000)
+    c.put(d, data)
+    stray = tmp_path / "chunks" / d.hex[:2] / f"{d.hex}.bak"
+    stray.write_bytes(b"x" * 5000)
+    c2 = ChunkCache(tmp_path, 10**6)
+    assert c2.stats().chunks == 1 and c2.stats().bytes == 3000
+    assert c2.get(d) == data and c2.read(d, 1000, 10) == data[1000:1010]
+    assert c2.prune(0) == 1
+    assert stray.exists() and d not in c2
+
+
+def test_the_index_keeps_size_use_and_verification_apart() -> None:
+    from chunkstore.cache import _entry, _last_use, _size
+
+    now = time.time()
+    for size in (0, 1, 1000, (1 << 32) - 1):
+        for verified in (False, True):
+            e = _entry(size, now, verified)
+            assert (_size(e), _last_use(e), bool(e & 1)) == (size, int(now), verified)
