@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from snapshotter.image.store import Manifest
+from snapshotter.registry.byteranges import Range
 from snapshotter.registry.client import RegistryClient, is_loopback
 from snapshotter.registry.errors import RegistryError, RegistryUnavailableError
 
@@ -337,8 +338,9 @@ class _Health:
 class MirroredClient(RegistryClient):
     """A RegistryClient for the server endpoint that reads through the mirrors first.
 
-    Reads (`get_manifest`, `manifest_exists`, `head_blob`, `open_blob`, `read_range`) try each
-    mirror with the needed capability, then the server; writes go to the server. Thread-safe
+    Reads (`get_manifest`, `manifest_exists`, `head_blob`, `open_blob`, `read_range`,
+    `open_range`, `read_ranges`) try each mirror with the needed capability, then the server;
+    writes go to the server. Thread-safe
     like RegistryClient.
     """
 
@@ -380,6 +382,14 @@ class MirroredClient(RegistryClient):
     def read_range(self, repo: str, digest: str, offset: int, length: int) -> bytes:
         data: bytes = self._first(PULL, "read_range", repo, digest, offset, length)
         return data
+
+    def open_range(self, repo: str, digest: str, offset: int, length: int) -> BinaryIO:
+        stream: BinaryIO = self._first(PULL, "open_range", repo, digest, offset, length)
+        return stream
+
+    def read_ranges(self, repo: str, digest: str, ranges: Sequence[Range]) -> list[bytes]:
+        parts: list[bytes] = self._first(PULL, "read_ranges", repo, digest, ranges)
+        return parts
 
     def _first(
         self,

@@ -83,6 +83,11 @@ def test_origin_down_reads_come_from_the_mirror(tmp_path: Path, mirror: LocalReg
         with client.open_blob("app/mirrored", _digest(layer)) as f:
             assert f.read() == layer
         assert client.read_range("app/mirrored", _digest(layer), 500, 1000) == layer[500:1500]
+        # the lazy read path's streamed and multi-range reads too
+        with client.open_range("app/mirrored", _digest(layer), 700, 300) as f:
+            assert f.read() == layer[700:1000]
+        assert client.read_ranges("app/mirrored", _digest(layer), [(0, 10), (90_000, 5)]) == [
+            layer[:10], layer[90_000:90_005]]
         # Neither has it: the origin's error, which says the mirror was tried.
         with pytest.raises(RegistryUnavailableError, match=r"mirrors tried first: .*not found"):
             client.get_manifest("app/mirrored", "v2")
