@@ -40,9 +40,10 @@ _TOUCH_INTERVAL = 60.0  # seconds between mtime bumps of one chunk
 _SIZE_BITS = 32
 
 
-# An index entry is one int, last use (whole seconds) | size | verified by this process: a
-# node's cache holds a chunk for every small file it has read (23,000 for the ten bench
-# images), and a tuple of three objects under a hex string key cost 330 bytes a chunk.
+# An index entry is one int, last use (whole seconds) | size | verified by this process, under
+# the raw digest: a node's cache holds a chunk for every small file it has read (23,000 for
+# the ten bench images), and a tuple of three objects under a hex string key took 460 bytes a
+# chunk against 310 (tracemalloc over 5,000 puts).
 def _entry(size: int, used: float, verified: bool) -> int:
     return int(used) << (_SIZE_BITS + 1) | size << 1 | verified
 
@@ -53,6 +54,10 @@ def _size(entry: int) -> int:
 
 def _last_use(entry: int) -> int:
     return entry >> (_SIZE_BITS + 1)
+
+
+def _verified(entry: int) -> bool:
+    return bool(entry & 1)
 
 
 @dataclass(frozen=True)
@@ -157,7 +162,7 @@ class ChunkCache:
         key = digest.raw
         with self._lock:
             entry = self._index.get(key)
-            if entry is None or not entry & 1:
+            if entry is None or not _verified(entry):
                 return None
         try:
             fd = os.open(self._path(key), os.O_RDONLY)

@@ -83,7 +83,7 @@ class Fetcher:
         max_gap: int = 64 * 1024,
         max_request: int = 16 * 1024 * 1024,
         # chunks reads just fetched, for the next page reads of them; a verified chunk on disk
-        # costs one pread, so this stays small (16 MiB made the FUSE process 17 MB larger with
+        # costs one pread, so this stays small (16 MiB made the FUSE process 14 MB larger with
         # ten images mounted, for no read speed in bench/fuse_io.py)
         memory_bytes: int = 4 * 1024 * 1024,
     ):

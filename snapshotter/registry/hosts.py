@@ -340,8 +340,7 @@ class MirroredClient(RegistryClient):
 
     Reads (`get_manifest`, `manifest_exists`, `head_blob`, `open_blob`, `read_range`,
     `open_range`, `read_ranges`) try each mirror with the needed capability, then the server;
-    writes go to the server. Thread-safe
-    like RegistryClient.
+    writes go to the server. Thread-safe like RegistryClient.
     """
 
     def __init__(

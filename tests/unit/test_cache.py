@@ -117,10 +117,10 @@ def test_a_restart_indexes_chunk_files_only(tmp_path: Path) -> None:
 
 
 def test_the_index_keeps_size_use_and_verification_apart() -> None:
-    from chunkstore.cache import _entry, _last_use, _size
+    from chunkstore.cache import _entry, _last_use, _size, _verified
 
     now = time.time()
     for size in (0, 1, 1000, (1 << 32) - 1):
         for verified in (False, True):
             e = _entry(size, now, verified)
-            assert (_size(e), _last_use(e), bool(e & 1)) == (size, int(now), verified)
+            assert (_size(e), _last_use(e), _verified(e)) == (size, int(now), verified)
