@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import random
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -383,7 +384,9 @@ def test_the_directory_fetch_keeps_to_its_budget_and_can_be_off(tmp_path: Path) 
 @pytest.mark.usefixtures("toc_kind")
 def test_a_program_is_fetched_whole_sooner_than_a_large_data_file(tmp_path: Path) -> None:
     libc = _host("libc.so.6")
-    layer = _layer({f"{LIBDIR[1:]}/libc.so.6": libc, "usr/share/data.bin": os.urandom(len(libc))})
+    # seeded: random bytes of libc's size cut into 23 chunks one run in ~15, too few here
+    data = random.Random(1).randbytes(len(libc))
+    layer = _layer({f"{LIBDIR[1:]}/libc.so.6": libc, "usr/share/data.bin": data})
     fetched: Fetched = []
     reader = Reader(Fetcher(ChunkCache(tmp_path / "cache", 10**8)), 0, whole_file=64 << 20,
                     directory=0, on_miss=fetched.extend)
