@@ -337,6 +337,11 @@ class Server:
 
         return {"text": render(self)}
 
+    def activity(self) -> int:
+        """A counter that moves with every chunk read or fetched."""
+        fs = self.fetcher.stats
+        return self.cache.hits + self.cache.misses + fs.memory_hits + fs.bytes_fetched
+
     def op_ping(self, req: dict[str, Any]) -> dict[str, Any]:
         return {"pid": os.getpid(), "mountpoint": str(self.mountpoint)}
 
@@ -414,11 +419,21 @@ async def _keep_profiles(server: Server) -> None:
         await trio.to_thread.run_sync(server.save_profiles)
 
 
+async def _trim_heap(server: Server) -> None:
+    from snapshotter.memory import IdleTrim
+
+    trim = IdleTrim(server.activity)
+    while True:
+        await trio.sleep(2)
+        await trio.to_thread.run_sync(trim.tick)
+
+
 async def _main(server: Server, control: str, ready_fd: int | None) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(pyfuse3.main)
         await nursery.start(_serve_control, server, control)
         nursery.start_soon(_keep_profiles, server)
+        nursery.start_soon(_trim_heap, server)
         if ready_fd is not None:
             os.write(ready_fd, b"ready\n")
             os.close(ready_fd)
