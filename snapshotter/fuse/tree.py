@@ -30,6 +30,8 @@ WHITEOUT_PREFIX = b".wh."
 OPAQUE_NAME = b".wh..wh..opq"
 OPAQUE_XATTR = b"trusted.overlay.opaque"
 
+_DIR, _HARDLINK = toc_pb2.DIR, toc_pb2.HARDLINK
+_AUFS_PREFIX = WHITEOUT_PREFIX + WHITEOUT_PREFIX
 _MODE_BITS = {
     toc_pb2.REG: stat.S_IFREG, toc_pb2.DIR: stat.S_IFDIR, toc_pb2.SYMLINK: stat.S_IFLNK,
     toc_pb2.CHAR: stat.S_IFCHR, toc_pb2.BLOCK: stat.S_IFBLK, toc_pb2.FIFO: stat.S_IFIFO,
@@ -92,61 +94,66 @@ class LayerTree:
             self._dirs = {b"": ROOT}
 
     def _add(self, k: int, e: toc_pb2.Entry) -> None:
-        if not e.name:
-            if e.type == toc_pb2.DIR:
-                self.nodes[ROOT].entry = k
-                self.nodes[ROOT].mode = stat.S_IFDIR | e.mode
+        # each field read once: a protobuf attribute costs as much as a dict lookup or two
+        name, etype = e.name, e.type
+        nodes = self.nodes
+        if not name:
+            if etype == _DIR:
+                nodes[ROOT].entry = k
+                nodes[ROOT].mode = stat.S_IFDIR | e.mode
             return
-        dname, _, base = e.name.rpartition(b"/")
+        dname, _, base = name.rpartition(b"/")
         parent = self._dirs.get(dname)
         if parent is None:
             parent = self._dirs[dname] = self._dir_of(dname.split(b"/"))
-        pnode = self.nodes[parent]
-        assert pnode.children is not None
-        if base == OPAQUE_NAME:
-            pnode.opaque = True
-            return
-        if base.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):
-            return  # aufs bookkeeping (.wh..wh.plnk etc.), not part of the tree
+        pnode = nodes[parent]
+        children = pnode.children
+        assert children is not None
         whiteout = base.startswith(WHITEOUT_PREFIX)
         if whiteout:
+            if base == OPAQUE_NAME:
+                pnode.opaque = True
+                return
+            if base.startswith(_AUFS_PREFIX):
+                return  # aufs bookkeeping (.wh..wh.plnk etc.), not part of the tree
             base = base[len(WHITEOUT_PREFIX):]
-        if e.type == toc_pb2.HARDLINK:
+        if etype == _HARDLINK:
             target = self.resolve(e.linkname)
             if target is None or self.nodes[target].children is not None:
                 log.warning("hard link target missing; entry skipped",
                             extra={"kv": {"name": e.name, "target": e.linkname}})
                 return
-            self._replacing(pnode.children.get(base))
-            pnode.children[base] = target
-            self.nodes[target].nlink += 1
+            self._replacing(children.get(base))
+            children[base] = target
+            nodes[target].nlink += 1
             return
-        old = pnode.children.get(base)
+        old = children.get(base)
         ino = k + 2
-        old_is_dir = old is not None and self.nodes[old].children is not None
-        if e.type == toc_pb2.DIR and old_is_dir:
+        old_is_dir = old is not None and nodes[old].children is not None
+        if etype == _DIR and old_is_dir:
             assert old is not None
             # a directory listed again (or after a synthesized one): keep its children
-            oldnode = self.nodes.pop(old)
+            oldnode = nodes.pop(old)
             node = Node(k, stat.S_IFDIR | e.mode, parent, oldnode.children, oldnode.nlink,
                         oldnode.opaque)
             assert node.children is not None
             for c in node.children.values():
-                if self.nodes[c].parent == old:
-                    self.nodes[c].parent = ino
-            self._dirs[e.name] = ino
-        elif whiteout:
-            node = Node(k, stat.S_IFCHR, parent, whiteout=True)
-        elif e.type == toc_pb2.DIR:
-            node = Node(k, stat.S_IFDIR | e.mode, parent, {}, 2)
+                if nodes[c].parent == old:
+                    nodes[c].parent = ino
+            self._dirs[name] = ino
         else:
-            node = Node(k, _MODE_BITS[e.type] | e.mode, parent)
-        if e.type == toc_pb2.DIR and not old_is_dir:
-            pnode.nlink += 1
-        if not (e.type == toc_pb2.DIR and old_is_dir):
-            self._replacing(old)
-        self.nodes[ino] = node
-        pnode.children[base] = ino
+            if etype == _DIR:
+                pnode.nlink += 1
+            if whiteout:
+                node = Node(k, stat.S_IFCHR, parent, whiteout=True)
+            elif etype == _DIR:
+                node = Node(k, stat.S_IFDIR | e.mode, parent, {}, 2)
+            else:
+                node = Node(k, _MODE_BITS[etype] | e.mode, parent)
+            if old is not None:
+                self._replacing(old)
+        nodes[ino] = node
+        children[base] = ino
 
     # -- queries -----------------------------------------------------------
     def resolve(self, path: bytes) -> int | None:
