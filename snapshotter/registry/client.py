@@ -121,8 +121,12 @@ def _system_tls() -> ssl.SSLContext:
 
 
 def warm_up() -> None:
-    """Pays the first client's one-off costs (httpcore's and trio's imports, the CA bundle)
-    now, so that they are not paid on the first pull. Long-running processes call it at start."""
+    """Pays the first client's one-off costs (httpcore's, trio's and the hosts.toml reader's
+    imports, the CA bundle) now, so that they are not paid on the first pull (the hosts.toml
+    reader alone took 10 ms of the FUSE process's first TOC request). Long-running processes
+    call it at start."""
+    from snapshotter.registry import hosts  # noqa: F401  (imported by for_host)
+
     httpx.Client(verify=_system_tls()).close()
 
 
