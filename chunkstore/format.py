@@ -36,6 +36,7 @@ ZSTD_FRAME_MAGIC = 0xFD2FB528
 SKIPPABLE_HOT = 0x184D2A5C  # hot frames (chunkstore/hot.py)
 SKIPPABLE_TOC = 0x184D2A5D
 SKIPPABLE_FOOTER = 0x184D2A5E
+SKIPPABLE_PAD = 0x184D2A5B  # zeros between the TOC and the hot frames that follow it
 _SKIPPABLE_HEADER = struct.Struct("<II")  # magic, payload size
 SKIPPABLE_HEADER_SIZE = _SKIPPABLE_HEADER.size  # what precedes a skippable frame's payload
 
@@ -55,10 +56,16 @@ ANN_TOC_DIGEST = ANNOTATION_PREFIX + "toc.digest"
 # TOC can be on its way while the snapshotter fetches the manifest. A hint only: what it
 # fetches must match the manifest's dev.zest.toc.digest. Value: "<offset>,<size>,<digest>".
 LABEL_TOC = "containerd.io/snapshot/zest.toc"
-# Where an optimized layer's hot frames lie: "<offset>,<size>", one range that ends where the
-# TOC's frame begins, so their stream can start before the TOC that names them is parsed. A
-# hint only: the stream is checked frame by frame against the TOC's hot_frames.
+# Where an optimized layer's hot frames lie: "<offset>,<size>", one range that starts right
+# after the TOC's payload (after a pad frame and the first frame's header), so one request
+# brings the TOC and then the frames (blobs optimized by earlier builds: the range ends where
+# the TOC's frame begins). A hint only: the stream is checked frame by frame against the TOC's
+# hot_frames. LABEL_HOT says the same under the snapshot-label prefix, for the first request.
 ANN_HOT = ANNOTATION_PREFIX + "hot"
+LABEL_HOT = "containerd.io/snapshot/zest.hot"
+# At most this many bytes (a pad frame, a frame header) between the TOC and its hot frames
+# for one request to bring both
+MAX_TOC_HOT_GAP = 4096
 # A hot-frame hint larger than this is not followed (the frames are fetched as the TOC says).
 MAX_HOT_HINT = 256 * 1024 * 1024
 
@@ -101,6 +108,16 @@ class Footer:
 def hot_frame_header(payload_size: int) -> bytes:
     """The 8 bytes that precede a hot frame's zstd frame in the blob."""
     return _SKIPPABLE_HEADER.pack(SKIPPABLE_HOT, payload_size)
+
+
+def pad_frame(size: int) -> bytes:
+    """A skippable frame of exactly `size` bytes (0, or at least the 8-byte header)."""
+    if size == 0:
+        return b""
+    if size < SKIPPABLE_HEADER_SIZE:
+        raise ValueError(f"a pad frame takes at least {SKIPPABLE_HEADER_SIZE} bytes, not {size}")
+    return _SKIPPABLE_HEADER.pack(SKIPPABLE_PAD, size - SKIPPABLE_HEADER_SIZE) + bytes(
+        size - SKIPPABLE_HEADER_SIZE)
 
 
 def toc_frame_header(payload_size: int) -> bytes:
@@ -152,13 +169,24 @@ def toc_hint(labels: Mapping[str, str]) -> Footer | None:
     return footer if footer.toc_offset >= 0 and 0 < footer.toc_size <= MAX_TOC_SIZE else None
 
 
-def hot_hint(annotations: Mapping[str, str]) -> tuple[int, int] | None:
-    """The hot frames' (offset, size) from ANN_HOT, or None when absent or malformed."""
+def hot_hint(annotations: Mapping[str, str], key: str = ANN_HOT) -> tuple[int, int] | None:
+    """The hot frames' (offset, size) from ANN_HOT (or LABEL_HOT in a Prepare's labels), or
+    None when absent or malformed."""
     try:
-        offset, size = (int(x) for x in annotations[ANN_HOT].split(","))
+        offset, size = (int(x) for x in annotations[key].split(","))
     except (KeyError, ValueError):
         return None
     return (offset, size) if offset >= 0 and 0 < size <= MAX_HOT_HINT else None
+
+
+def hot_after_toc(toc_offset: int, toc_size: int,
+                  hot: tuple[int, int] | None) -> tuple[int, int] | None:
+    """The hot frames' span when it follows the TOC's payload closely enough for one range
+    request to bring both, else None."""
+    if hot is None:
+        return None
+    gap = hot[0] - (toc_offset + toc_size)
+    return hot if 0 <= gap <= MAX_TOC_HOT_GAP else None
 
 
 def footer_from_annotations(annotations: dict[str, str]) -> Footer | None:

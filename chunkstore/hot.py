@@ -4,15 +4,18 @@ Chunks are cut for random access (256 KiB on average) and compressed one by one,
 program touches a few scattered pages of each: fetching a workload's chunks moves two to
 three times the bytes it reads. `zest optimize` records the pages instead and packs them, in
 first-touch order, into frames of about HOT_FRAME_SIZE, compressed hard (a frame is written
-once and fetched by every node). They sit in skippable frames between the chunk frames and
-the TOC, so the blob still decompresses to the original tar, and the TOC lists them
-(`hot_frames`) with the file runs each holds (`hot`). A node fetches them first; the frames
-are content-addressed like chunks, so the fetcher and the cache take them as they are.
+once and fetched by every node). They sit in skippable frames right after the TOC, so the
+blob still decompresses to the original tar and one range request brings the TOC and then,
+with no round trip between, the frames; the TOC lists them (`hot_frames`) with the file runs
+each holds (`hot`). A node fetches them first; the frames are content-addressed like chunks,
+so the fetcher and the cache take them as they are. (Blobs optimized by earlier builds hold
+them before the TOC; readers take both.)
 """
 
 from __future__ import annotations
 
 import bisect
+import io
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -207,24 +210,43 @@ class HotIndex:
 def finish_blob(f: BinaryIO, frames_end: int, toc: toc_pb2.TOC,
                 pages: Iterable[tuple[int, int, int]],
                 frame_size: int = HOT_FRAME_SIZE) -> fmt.Footer:
-    """`f` (read and write) holds a blob's chunk frames up to `frames_end`: append the hot
-    frames of `pages` ((entry, first page, pages) in first-touch order, packed from those
-    chunks), then the TOC and the footer. Returns the footer."""
+    """`f` (read and write) holds a blob's chunk frames up to `frames_end`: append the TOC,
+    the hot frames of `pages` ((entry, first page, pages) in first-touch order, packed from
+    those chunks) and the footer. Returns the footer."""
     def read_range(offset: int, length: int) -> bytes:
         f.seek(offset)
         return f.read(length)
 
-    def write(data: bytes) -> None:
-        f.seek(0, os.SEEK_END)
-        f.write(data)
-
     f.truncate(frames_end)
     runs = page_runs(pages, lambda k: toc.entries[k].size if k < len(toc.entries) else 0)
-    size = write_hot(write, frames_end, toc, read_range, runs, frame_size)
-    payload = fmt.encode_toc(toc)
-    write(fmt.toc_frame_header(len(payload)))
-    footer = fmt.Footer(frames_end + size + fmt.SKIPPABLE_HEADER_SIZE, len(payload),
-                        Digest.of(payload))
-    write(payload)
-    write(footer.encode())
+    frames = io.BytesIO()
+    write_hot(frames.write, 0, toc, read_range, runs, frame_size)
+    toc_offset = frames_end + fmt.SKIPPABLE_HEADER_SIZE
+    payload, pad = _place_toc(toc, toc_offset)
+    f.seek(0, os.SEEK_END)
+    f.write(fmt.toc_frame_header(len(payload)))
+    f.write(payload)
+    f.write(fmt.pad_frame(pad))
+    f.write(frames.getbuffer())
+    footer = fmt.Footer(toc_offset, len(payload), Digest.of(payload))
+    f.write(footer.encode())
     return footer
+
+
+def _place_toc(toc: toc_pb2.TOC, toc_offset: int) -> tuple[bytes, int]:
+    """The TOC's payload, with its hot frames placed right after it, and the pad (0, or 8
+    bytes or more) between the two. The frames' offsets are in the TOC, so its size depends
+    on them: `toc.hot_frames` come in relative to the first frame's header and are moved to
+    follow a room measured, and grown, until the TOC fits it."""
+    relative = [h.blob_offset for h in toc.hot_frames]
+    room = len(fmt.encode_toc(toc))
+    for attempt in range(8):
+        for h, rel in zip(toc.hot_frames, relative, strict=True):
+            h.blob_offset = toc_offset + room + rel
+        payload = fmt.encode_toc(toc)
+        pad = room - len(payload)
+        if pad == 0 or pad >= fmt.SKIPPABLE_HEADER_SIZE:
+            return payload, pad
+        # too small, or a gap no frame fits in: more room (more each time, so it settles)
+        room = max(room, len(payload)) + fmt.SKIPPABLE_HEADER_SIZE * (1 << attempt)
+    raise FormatError("the TOC's size did not settle around its hot frames' offsets")

@@ -125,8 +125,9 @@ def rewrite_layer(src: st.ImageStore, dst: st.ImageStore, desc: dict[str, Any],
     ann.update(fmt.toc_annotations(new_footer))
     span = hot.frames_span(toc)
     ann.pop(fmt.ANN_HOT, None)  # an earlier optimize's frames are gone
+    ann.pop(fmt.LABEL_HOT, None)
     if span is not None:
-        ann[fmt.ANN_HOT] = f"{span[0]},{span[1]}"
+        ann[fmt.ANN_HOT] = ann[fmt.LABEL_HOT] = f"{span[0]},{span[1]}"
     return {**desc, "digest": new_digest, "size": size, "annotations": ann}
 
 

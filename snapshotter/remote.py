@@ -237,7 +237,7 @@ class RemoteLayers:
         if ref.kind != Kind.REGISTRY:
             raise NotServable(f"{req.image_ref} is not a registry reference")
         client = self._client(ref.api_host)
-        self._toc_head_start(client, ref.repository, req.layer_digest, labels)
+        self._toc_head_start(client, ref.api_host, ref.repository, req.layer_digest, labels)
         manifest_digest = req.manifest_digest or self._find_manifest(
             client, ref.repository, ref.reference or "latest", req.layer_digest)
         manifest = self._manifest(client, ref.repository, manifest_digest)
@@ -366,7 +366,7 @@ class RemoteLayers:
 
         threading.Thread(target=run, name="zest-predict-early", daemon=True).start()
 
-    def _toc_head_start(self, client: RegistryClient, repo: str, layer_digest: str,
+    def _toc_head_start(self, client: RegistryClient, host: str, repo: str, layer_digest: str,
                         labels: Mapping[str, str]) -> None:
         """Fetch the TOC where the Prepare's label says, while the manifest is fetched: the
         first layer's TOC arrives a round trip sooner (for a base layer's 330 KB TOC at
@@ -379,14 +379,36 @@ class RemoteLayers:
             if (key in self._toc_bytes or hint.toc_digest.hex in self._toc_jobs
                     or (self.tocs / hint.toc_digest.hex).exists()):
                 return  # here, or on its way since an earlier layer's Prepare
-            self._toc_bytes[key] = self._pool.submit(client.read_range, repo, layer_digest,
-                                                     hint.toc_offset, hint.toc_size)
+            self._toc_bytes[key] = self._pool.submit(
+                self._read_toc, client, host, repo, layer_digest, hint,
+                fmt.hot_hint(labels, fmt.LABEL_HOT))
             while len(self._toc_bytes) > 16:
                 self._toc_bytes.popitem(last=False)
 
-    def _toc_payload(self, client: RegistryClient, repo: str, digest: str,
-                     footer: fmt.Footer) -> bytes:
+    def _read_toc(self, client: RegistryClient, host: str, repo: str, digest: str,
+                  footer: fmt.Footer, hot: tuple[int, int] | None) -> bytes:
+        """The TOC's bytes as stored, unchecked. When the layer's hot frames follow its TOC
+        the FUSE process fetches the two by one range request and keeps the frames for the
+        layer's warm-up: they arrive right behind the TOC, not a round trip after it."""
+        if self.prefetch and fmt.hot_after_toc(footer.toc_offset, footer.toc_size, hot):
+            assert hot is not None
+            tmp = self.tocs / f".fetch.{os.getpid()}.{threading.get_ident()}.tmp"
+            try:
+                self.fuse.call("toc", source=self._source(host, repo, digest),
+                               toc=[footer.toc_offset, footer.toc_size], hot=list(hot),
+                               path=str(tmp))
+                return tmp.read_bytes()
+            except (ControlError, OSError) as exc:  # fetched here then, and its error told
+                log.info("TOC not fetched by the FUSE process", extra={"kv": {
+                    "layer": digest, "reason": exc}})
+            finally:
+                tmp.unlink(missing_ok=True)
+        return client.read_range(repo, digest, footer.toc_offset, footer.toc_size)
+
+    def _toc_payload(self, client: RegistryClient, host: str, repo: str,
+                     desc: dict[str, Any], footer: fmt.Footer) -> bytes:
         """The TOC's bytes, verified: from the head start if it fetched the right ones."""
+        digest = desc["digest"]
         with self._lock:
             early = self._toc_bytes.pop((digest, footer.toc_offset, footer.toc_size), None)
         if early is not None:
@@ -397,16 +419,17 @@ class RemoteLayers:
             except Exception as exc:  # only a head start: fetch it as the manifest says
                 log.info("TOC head start unusable", extra={"kv": {"layer": digest,
                                                                   "reason": exc}})
-        payload = client.read_range(repo, digest, footer.toc_offset, footer.toc_size)
+        payload = self._read_toc(client, host, repo, digest, footer,
+                                 fmt.hot_hint(desc.get("annotations") or {}))
         footer.toc_digest.verify(payload, "TOC")
         return payload
 
-    def _fetch_toc(self, client: RegistryClient, repo: str, desc: dict[str, Any],
+    def _fetch_toc(self, client: RegistryClient, host: str, repo: str, desc: dict[str, Any],
                    footer: fmt.Footer, warm: Callable[[Path], None] | None = None) -> None:
         """One range request: the annotations (covered by the manifest digest) locate it.
         `warm` gets the TOC's path while this process checks its chunk table: both parse
         the TOC, on two cores (20 ms for a base layer's). The TOC is kept only if it passes."""
-        payload = self._toc_payload(client, repo, desc["digest"], footer)
+        payload = self._toc_payload(client, host, repo, desc, footer)
         final = self.tocs / footer.toc_digest.hex
         tmp = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.write_bytes(payload)
@@ -435,7 +458,7 @@ class RemoteLayers:
             def job() -> None:
                 # the layer's own mount waits for this job, so warm comes before its add
                 try:
-                    self._fetch_toc(client, repo, desc, footer, (lambda path: self._warm(
+                    self._fetch_toc(client, host, repo, desc, footer, (lambda path: self._warm(
                         host, repo, desc, footer, profile_job.result(), what, path))
                         if self.prefetch else None)
                 finally:
@@ -467,7 +490,7 @@ class RemoteLayers:
             with contextlib.suppress(Exception):  # on failure, fetch it here and report that
                 ahead.result()
         if not toc_file.exists():  # its hot frames start now, not after the mount
-            self._fetch_toc(client, repo, desc, footer, (lambda path: self._warm(
+            self._fetch_toc(client, host, repo, desc, footer, (lambda path: self._warm(
                 host, repo, desc, footer, None, what, path)) if self.prefetch else None)
         sid = int(mountpoint.parent.name)
         return {"kind": "lazy", "name": str(sid), "slot": sid, "toc_path": str(toc_file),

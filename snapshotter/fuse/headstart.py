@@ -1,8 +1,9 @@
 """Range requests started before anyone can check their bytes.
 
-A profiled layer's hot frames sit just before its TOC, and the layer descriptor says where
-(`dev.zest.hot`), so their stream can start the moment the TOC's bytes are
-in, before this process has parsed the TOC that names them (15-40 ms for a base layer's on
+A profiled layer's hot frames sit right after its TOC, and the layer descriptor says where
+(`dev.zest.hot`), so the TOC's own range request runs on into them (`op_toc`; with frames
+before the TOC, as older blobs have them, their stream starts the moment the TOC's bytes are
+in), before this process has parsed the TOC that names them (15-40 ms for a base layer's on
 two cores, while the daemon parses it too). The bytes wait here, in memory, until the
 fetcher's stream for the frames opens a range inside this one: it verifies each frame
 against the TOC as it would any other response, so nothing here is trusted. A head start

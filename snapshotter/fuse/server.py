@@ -142,6 +142,37 @@ class Server:
         return fmt.decode_toc(Path(toc_path).read_bytes(), Digest.parse(toc_digest))
 
     # -- control ops -----------------------------------------------------------
+    def op_toc(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Fetch a layer's TOC for the daemon, into `path` as stored (the daemon checks it).
+        When the layer's hot frames follow the TOC (`hot`), one range request brings both:
+        the answer comes once the TOC's bytes are in, and the rest of the response goes on
+        into a head start for the frames, with no round trip between the two."""
+        source = self._source(req["source"])
+        offset, size = int(req["toc"][0]), int(req["toc"][1])
+        span = req.get("hot")
+        hot = fmt.hot_after_toc(offset, size, (int(span[0]), int(span[1])) if span else None)
+        path = Path(req["path"])
+        if hot is None or not isinstance(source, _RegistryBlob):
+            path.write_bytes(source.read_range(offset, size))
+            return {"hot": False}
+        stream = source.stream(offset, hot[0] + hot[1] - offset)
+        try:
+            payload = _read_exactly(stream, size)
+            path.write_bytes(payload)
+        except BaseException:
+            stream.close()
+            raise
+        gap = hot[0] - offset - size
+
+        def rest(_offset: int, _length: int) -> BinaryIO:
+            _read_exactly(stream, gap)  # a pad frame and the first frame's header
+            return stream
+
+        if not self.head_starts.start(source.digest, hot[0], hot[1], rest):
+            stream.close()  # one is on its way already, or memory is spoken for
+            return {"hot": False}
+        return {"hot": True}
+
     def op_warm(self, req: dict[str, Any]) -> dict[str, Any]:
         """Start fetching the hot frames or prefetch list of a layer that containerd will ask
         for next."""
@@ -355,6 +386,13 @@ class Server:
             log.warning("control request failed", extra={"kv": {"op": req.get("op"),
                                                                 "error": exc}})
             return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def _read_exactly(f: BinaryIO, n: int) -> bytes:
+    data = f.read(n) if n else b""
+    if len(data) != n:
+        raise EOFError(f"range ended after {len(data)} of {n} bytes")
+    return data
 
 
 async def _serve_control(server: Server, path: str,

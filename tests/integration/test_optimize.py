@@ -53,14 +53,18 @@ def test_profile_round_trip(node_factory: Callable[..., Node], python_image: str
     assert sum(x["prefetch_total"] for x in layers) == sum(r["hot_frames"] for r in reports)
     prefetch_requests = sorted((r for r in fresh.link.requests if r.range),
                                key=lambda r: r.started)
-    assert len(prefetch_requests) > len(m["layers"])  # the hot frames crossed before the run
-    tocs = {int(x["annotations"]["dev.zest.toc.offset"]) for x in m["layers"]}
-    # each layer names its hot frames' place, and its hot stream starts with its TOC fetch
-    hot = {int(x["annotations"][fmt.ANN_HOT].split(",")[0]) for x in m["layers"]}
-    first = {int((r.range or "").split("=")[1].split("-")[0])
-             for r in prefetch_requests[:len(tocs) + len(hot)]}
-    # all TOCs and hot streams before any chunk: the first Prepare asked for every one
-    assert first == tocs | hot
+    # each layer names its hot frames' place, right behind its TOC: one range request a layer
+    # brings both, and they come first (the first Prepare asked for every layer's)
+    want, hot_starts = set(), set()
+    for x in m["layers"]:
+        span = fmt.hot_hint(x["annotations"])
+        assert span is not None and x["annotations"][fmt.LABEL_HOT] == f"{span[0]},{span[1]}"
+        want.add((int(x["annotations"]["dev.zest.toc.offset"]), span[0] + span[1] - 1))
+        hot_starts.add(span[0])
+    ranges = [tuple(int(v) for v in (r.range or "").split("=")[1].split("-"))
+              for r in prefetch_requests]
+    assert set(ranges[:len(want)]) == want
+    assert not [r for r in ranges if r[0] in hot_starts]  # no stream of the frames alone
     fresh.link.reset()
     assert fresh.run("opt/python:1", "python3", "-c", "print('hello')").strip() == "hello"
     during = [r for r in fresh.link.requests if r.range]

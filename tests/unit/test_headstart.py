@@ -20,7 +20,7 @@ from chunkstore.cache import ChunkCache
 from chunkstore.digest import Digest
 from chunkstore.fetch import Fetcher
 from snapshotter.fuse.headstart import HeadStarts
-from snapshotter.fuse.server import _RegistryBlob
+from snapshotter.fuse.server import Server, _RegistryBlob
 from tests.unit.test_hot import _layer, _optimized, _toc
 
 RNG = random.Random(11)
@@ -70,15 +70,19 @@ def _start(heads: HeadStarts, client: _Client, span: tuple[int, int]) -> bool:
                        lambda off, n: client.open_range("app", DIGEST, off, n))
 
 
-def test_the_label_spans_the_hot_frames_up_to_the_toc() -> None:
+def test_the_label_spans_the_hot_frames_from_the_toc_to_the_footer() -> None:
     new, toc = _blob()
     assert len(toc.hot_frames) > 1
     span = hot.frames_span(toc)
     assert span is not None
     footer = fmt.Footer.decode(new[-fmt.FOOTER_SIZE:])
     first = toc.hot_frames[0]
-    assert span == (first.blob_offset,
-                    footer.toc_offset - fmt.SKIPPABLE_HEADER_SIZE - first.blob_offset)
+    assert span == (first.blob_offset, len(new) - fmt.FOOTER_SIZE - first.blob_offset)
+    assert fmt.hot_after_toc(footer.toc_offset, footer.toc_size, span) == span
+    # frames before the TOC (an older optimize), or far behind it: two requests
+    assert fmt.hot_after_toc(footer.toc_offset, footer.toc_size, (0, 100)) is None
+    far = footer.toc_offset + footer.toc_size + fmt.MAX_TOC_HOT_GAP + 1
+    assert fmt.hot_after_toc(footer.toc_offset, footer.toc_size, (far, 100)) is None
     assert hot.frames_span(_toc(_layer(FILES)[1])) is None  # no profile, no label
     label = {fmt.ANN_HOT: f"{span[0]},{span[1]}"}
     assert fmt.hot_hint(label) == span
@@ -173,3 +177,55 @@ def test_an_unused_head_start_is_dropped_after_its_time() -> None:
     assert heads.start("a", 0, 10, lambda off, n: io.BytesIO(bytes(n)))
     assert heads.start("b", 0, 10, lambda off, n: io.BytesIO(bytes(n)))  # expires "a"
     assert heads.take("a", 0, 10) is None
+
+
+def _server(tmp_path: Path, client: _Client) -> Server:
+    server = Server(tmp_path / "mnt", ChunkCache(tmp_path / "cache", 10**7),
+                    background_prefetch=False, prefetch_parallel=1)
+    server._clients[("reg", True)] = cast(Any, client)
+    return server
+
+
+def _spec() -> dict[str, Any]:
+    return {"kind": "registry", "host": "reg", "plain_http": True, "repo": "app",
+            "digest": DIGEST}
+
+
+def test_one_range_brings_the_toc_and_then_the_hot_frames(tmp_path: Path) -> None:
+    new, toc = _blob()
+    footer = fmt.Footer.decode(new[-fmt.FOOTER_SIZE:])
+    span = hot.frames_span(toc)
+    assert span is not None
+    client = _Client(new)
+    server = _server(tmp_path, client)
+    path = tmp_path / "toc"
+    reply = server.op_toc({"source": _spec(), "toc": [footer.toc_offset, footer.toc_size],
+                           "hot": list(span), "path": str(path)})
+    assert reply == {"hot": True}
+    assert path.read_bytes() == new[footer.toc_offset:footer.toc_offset + footer.toc_size]
+    assert client.opened == [(footer.toc_offset, span[0] + span[1] - footer.toc_offset)]
+    # warm-up names the frames: their stream is the rest of that response, checked frame by
+    # frame, and the warm call's own head start finds one on its way
+    assert not server.head_starts.start(DIGEST, span[0], span[1], lambda o, n: io.BytesIO())
+    source = server._source(_spec())
+    refs = hot.frame_refs(toc)
+    got = dict(server.fetcher.stream(source, refs))
+    assert len(client.opened) == 1 and client.reads == []
+    for ref in refs:
+        frame = new[ref.blob_offset:ref.blob_offset + ref.compressed_size]
+        assert got[ref] == zstandard.ZstdDecompressor().decompress(
+            frame, max_output_size=ref.size)
+
+
+def test_a_toc_without_frames_behind_it_is_one_plain_read(tmp_path: Path) -> None:
+    new, _ = _blob()
+    footer = fmt.Footer.decode(new[-fmt.FOOTER_SIZE:])
+    client = _Client(new)
+    server = _server(tmp_path, client)
+    for hot_span in (None, [1, 10]):  # no frames, or frames before the TOC
+        path = tmp_path / "toc"
+        reply = server.op_toc({"source": _spec(), "toc": [footer.toc_offset, footer.toc_size],
+                               "hot": hot_span, "path": str(path)})
+        assert reply == {"hot": False}
+        assert path.read_bytes() == new[footer.toc_offset:footer.toc_offset + footer.toc_size]
+    assert client.opened == [] and len(client.reads) == 2

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import io
 import random
+import struct
 import tarfile
 
 import pytest
 import zstandard
 
+from chunkstore import format as fmt
 from chunkstore import hot
 from chunkstore import toc as tocmod
 from chunkstore._pb import toc_pb2
@@ -121,3 +123,46 @@ def test_recorded_pages_past_a_file_or_the_toc_are_dropped_and_bad_runs_refused(
         (c, 0, 6)]
     with pytest.raises(FormatError, match="regular file"):
         hot.write_hot(lambda d: None, 0, toc, lambda o, n: blob[o : o + n], [(c, 4, 4096)])
+
+
+def test_hot_frames_follow_the_toc_so_one_range_brings_both() -> None:
+    tar, blob = _layer(FILES)
+    a = [e.name for e in _toc(blob).entries].index(b"bin/a")
+    new, toc = _optimized(blob, [(a, 0, 20)], frame_size=32768)
+    footer = tocmod.read_footer(lambda o, n: new[o : o + n], len(new))
+    span = hot.frames_span(toc)
+    assert span is not None and span[0] > footer.toc_offset
+    assert fmt.hot_after_toc(footer.toc_offset, footer.toc_size, span) == span
+    # TOC, maybe a pad frame, the frames back to back, the footer last
+    pos = footer.toc_offset + footer.toc_size
+    skippable = struct.Struct("<II")
+    magic, size = skippable.unpack_from(new, pos)
+    if magic == fmt.SKIPPABLE_PAD:
+        assert new[pos + 8 : pos + 8 + size] == bytes(size)
+        pos += 8 + size
+    for f in toc.hot_frames:
+        assert skippable.unpack_from(new, pos) == (fmt.SKIPPABLE_HOT, f.compressed_size)
+        assert f.blob_offset == pos + 8
+        pos = f.blob_offset + f.compressed_size
+    assert pos == len(new) - fmt.FOOTER_SIZE
+    assert_decodes_to(new, tar)
+    # optimized again (another profile): the old frames go, the chunk frames stay
+    again, toc2 = _optimized(new, [(a, 5, 1)])
+    frames_end = footer.toc_offset - 8
+    assert len(toc2.hot_frames) == 1 and again[:frames_end] == new[:frames_end]
+    assert_decodes_to(again, tar)
+
+
+@pytest.mark.parametrize("frames", [1, 3, 40, 300])
+def test_the_toc_settles_around_its_frames_offsets(frames: int) -> None:
+    toc = toc_pb2.TOC(version=1)
+    for i in range(frames):  # offsets relative to the first frame, as write_hot leaves them
+        toc.hot_frames.add(blob_offset=8 + i * 70_000, compressed_size=69_992, size=1 << 19,
+                           digest=bytes(32))
+    base = 123_456_789
+    payload, pad = hot._place_toc(toc, base)
+    assert pad == 0 or pad >= 8
+    assert fmt.encode_toc(toc) == payload  # the offsets in it are the ones it was sized for
+    assert toc.hot_frames[0].blob_offset == base + len(payload) + pad + 8
+    assert fmt.pad_frame(pad) == (b"" if pad == 0 else struct.pack("<II", fmt.SKIPPABLE_PAD,
+                                                                   pad - 8) + bytes(pad - 8))

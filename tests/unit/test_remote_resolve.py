@@ -14,6 +14,7 @@ from chunkstore import format as fmt
 from chunkstore._pb import toc_pb2
 from chunkstore.digest import Digest
 from chunkstore.errors import DigestMismatch, FormatError
+from snapshotter.fuse.protocol import ControlError
 from snapshotter.image import store as st
 from snapshotter.remote import RemoteLayers
 
@@ -71,13 +72,13 @@ def test_a_toc_is_warmed_while_checked_and_kept_only_if_it_passes(tmp_path: Path
         seen.append((path, path.read_bytes()))  # the FUSE process reads it by this name
 
     good, footer = _toc_payload(chunk_end=100)
-    remote._fetch_toc(cast(Any, TocClient(good)), "app", {"digest": "x", "size": 100}, footer,
-                      warm)
+    remote._fetch_toc(cast(Any, TocClient(good)), "reg", "app", {"digest": "x", "size": 100},
+                      footer, warm)
     assert seen and seen[0][1] == good
     assert [p.name for p in remote.tocs.iterdir()] == [footer.toc_digest.hex]
     bad, bad_footer = _toc_payload(chunk_end=200)  # a chunk past the end of a 100-byte blob
     with pytest.raises(FormatError, match="past the end"):
-        remote._fetch_toc(cast(Any, TocClient(bad)), "app", {"digest": "x", "size": 100},
+        remote._fetch_toc(cast(Any, TocClient(bad)), "reg", "app", {"digest": "x", "size": 100},
                           bad_footer, warm)
     assert len(seen) == 2 and seen[1][1] == bad
     assert [p.name for p in remote.tocs.iterdir()] == [footer.toc_digest.hex]  # not kept
@@ -104,7 +105,7 @@ def _labelled(tmp_path: Path) -> tuple[RemoteLayers, CountingClient, dict[str, A
     desc: dict[str, Any] = {"digest": "sha256:" + "e" * 64, "size": len(blob)}
 
     def prepare(label: fmt.Footer) -> None:
-        remote._toc_head_start(cast(Any, client), "app", desc["digest"],
+        remote._toc_head_start(cast(Any, client), "reg", "app", desc["digest"],
                                {fmt.LABEL_TOC: fmt.toc_annotations(label)[fmt.LABEL_TOC]})
 
     return remote, client, desc, payload, footer, prepare
@@ -113,7 +114,7 @@ def _labelled(tmp_path: Path) -> tuple[RemoteLayers, CountingClient, dict[str, A
 def test_a_prepare_label_gives_the_toc_fetch_a_head_start(tmp_path: Path) -> None:
     remote, client, desc, payload, footer, prepare = _labelled(tmp_path)
     prepare(footer)
-    remote._fetch_toc(cast(Any, client), "app", desc, footer)
+    remote._fetch_toc(cast(Any, client), "reg", "app", desc, footer)
     assert client.reads == [(4, len(payload))]  # the head start's, used: no second fetch
     assert (remote.tocs / footer.toc_digest.hex).read_bytes() == payload
     prepare(footer)  # the TOC is here now: a later Prepare with the label fetches nothing
@@ -123,14 +124,14 @@ def test_a_prepare_label_gives_the_toc_fetch_a_head_start(tmp_path: Path) -> Non
 def test_a_lying_toc_label_costs_a_fetch_and_nothing_else(tmp_path: Path) -> None:
     remote, client, desc, payload, footer, prepare = _labelled(tmp_path)
     prepare(fmt.Footer(0, len(payload), footer.toc_digest))  # the label points elsewhere
-    remote._fetch_toc(cast(Any, client), "app", desc, footer)
+    remote._fetch_toc(cast(Any, client), "reg", "app", desc, footer)
     # the head start fetched the wrong place, and the TOC came from where the manifest says
     assert client.reads == [(0, len(payload)), (4, len(payload))]
     assert (remote.tocs / footer.toc_digest.hex).read_bytes() == payload
     lied = fmt.Footer(4, len(payload), Digest.of(b"other"))  # the manifest's digest wins
     prepare(lied)
     with pytest.raises(DigestMismatch, match="TOC"):
-        remote._fetch_toc(cast(Any, client), "app", desc, lied)
+        remote._fetch_toc(cast(Any, client), "reg", "app", desc, lied)
 
 
 class FakeFuse:
@@ -153,3 +154,47 @@ def test_warm_passes_the_hot_frames_place_from_the_descriptor(tmp_path: Path) ->
                      None, "layer", tmp_path / "toc")
         op, kw = fuse.calls[-1]
         assert op == "warm" and kw["hot"] == want and kw["source"]["digest"] == digest
+
+
+class TocFuse:
+    """Answers `toc` as the FUSE process does (the bytes into `path`), or fails."""
+
+    def __init__(self, blob: bytes, fail: bool = False):
+        self.blob, self.fail = blob, fail
+        self.calls: list[dict[str, Any]] = []
+
+    def call(self, op: str, **kw: Any) -> dict[str, Any]:
+        self.calls.append({"op": op, **kw})
+        if self.fail:
+            raise ControlError("FUSE process at x is not answering")
+        offset, size = kw["toc"]
+        Path(kw["path"]).write_bytes(self.blob[offset:offset + size])
+        return {"hot": True}
+
+
+def test_a_toc_with_hot_frames_behind_it_is_fetched_by_the_fuse_process(tmp_path: Path) -> None:
+    payload, footer = _toc_payload(chunk_end=5)
+    blob = b"junk" + payload + b"pad-and-frames"
+    footer = fmt.Footer(4, len(payload), footer.toc_digest)
+    behind = (4 + len(payload) + 8, 6)  # after a pad frame's header, say
+    desc = {"digest": "sha256:" + "e" * 64, "size": len(blob),
+            "annotations": {fmt.ANN_HOT: f"{behind[0]},{behind[1]}"}}
+    for fail in (False, True):
+        fuse = TocFuse(blob, fail)
+        remote = RemoteLayers(tmp_path / str(fail), cast(Any, fuse))
+        client = CountingClient(blob)
+        remote._fetch_toc(cast(Any, client), "reg", "app", desc, footer)
+        assert (remote.tocs / footer.toc_digest.hex).read_bytes() == payload
+        (call,) = fuse.calls
+        assert call["op"] == "toc" and call["hot"] == list(behind)
+        assert call["toc"] == [4, len(payload)] and call["source"]["digest"] == desc["digest"]
+        # failing, the daemon fetched it itself; no temporary file is left either way
+        assert client.reads == ([(4, len(payload))] if fail else [])
+        assert [p.name for p in remote.tocs.iterdir()] == [footer.toc_digest.hex]
+    # frames before the TOC (optimized by an older zest), or none: the daemon's own request
+    for ann in ({fmt.ANN_HOT: "1,3"}, {}):
+        fuse = TocFuse(blob)
+        remote = RemoteLayers(tmp_path / f"old{len(ann)}", cast(Any, fuse))
+        client = CountingClient(blob)
+        remote._fetch_toc(cast(Any, client), "reg", "app", {**desc, "annotations": ann}, footer)
+        assert fuse.calls == [] and client.reads == [(4, len(payload))]
