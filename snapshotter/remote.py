@@ -390,12 +390,12 @@ class RemoteLayers:
         """The TOC's bytes as stored, unchecked. When the layer's hot frames follow its TOC
         the FUSE process fetches the two by one range request and keeps the frames for the
         layer's warm-up: they arrive right behind the TOC, not a round trip after it."""
-        if self.prefetch and fmt.hot_after_toc(footer.toc_offset, footer.toc_size, hot):
-            assert hot is not None
+        span = fmt.hot_after_toc(footer.toc_offset, footer.toc_size, hot)
+        if self.prefetch and span is not None:
             tmp = self.tocs / f".fetch.{os.getpid()}.{threading.get_ident()}.tmp"
             try:
                 self.fuse.call("toc", source=self._source(host, repo, digest),
-                               toc=[footer.toc_offset, footer.toc_size], hot=list(hot),
+                               toc=[footer.toc_offset, footer.toc_size], hot=list(span),
                                path=str(tmp))
                 return tmp.read_bytes()
             except (ControlError, OSError) as exc:  # fetched here then, and its error told

@@ -142,14 +142,23 @@ class HeadStarts:
         if offset < 0 or length <= 0:
             raise ValueError(f"bad head start range offset={offset} length={length}")
         with self._lock:
-            self._expire()
-            held = sum(e.held for e in self._by_key.values())
-            if key in self._by_key or held + length > self.max_bytes:
+            if not self._fits(key, length):
                 return False
             early = self._by_key[key] = _Early(key, offset, length)
         threading.Thread(target=early.receive, args=(open_range,), name="zest-head-start",
                          daemon=True).start()
         return True
+
+    def room(self, key: str, length: int) -> bool:
+        """Whether a head start of `length` bytes for blob `key` would start now."""
+        with self._lock:
+            return self._fits(key, length)
+
+    def _fits(self, key: str, length: int) -> bool:
+        """Under the lock: none for this blob yet, and memory for this one."""
+        self._expire()
+        held = sum(e.held for e in self._by_key.values())
+        return key not in self._by_key and held + length <= self.max_bytes
 
     def take(self, key: str, offset: int, length: int) -> BinaryIO | None:
         """The bytes at [offset, offset+length) of blob `key` if a head start covers them

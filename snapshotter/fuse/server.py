@@ -152,7 +152,8 @@ class Server:
         span = req.get("hot")
         hot = fmt.hot_after_toc(offset, size, (int(span[0]), int(span[1])) if span else None)
         path = Path(req["path"])
-        if hot is None or not isinstance(source, _RegistryBlob):
+        if (hot is None or not isinstance(source, _RegistryBlob)
+                or not self.head_starts.room(source.digest, hot[1])):
             path.write_bytes(source.read_range(offset, size))
             return {"hot": False}
         stream = source.stream(offset, hot[0] + hot[1] - offset)

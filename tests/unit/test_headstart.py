@@ -191,41 +191,60 @@ def _spec() -> dict[str, Any]:
             "digest": DIGEST}
 
 
+class _TocCase:
+    """An optimized blob served by an in-memory client to a real Server."""
+
+    def __init__(self, tmp_path: Path):
+        self.blob, self.toc = _blob()
+        self.footer = fmt.Footer.decode(self.blob[-fmt.FOOTER_SIZE:])
+        span = hot.frames_span(self.toc)
+        assert span is not None
+        self.span = span
+        self.client = _Client(self.blob)
+        self.server = _server(tmp_path, self.client)
+        self.path = tmp_path / "toc"
+
+    def ask(self, span: list[int] | None) -> dict[str, Any]:
+        return self.server.op_toc({"source": _spec(), "path": str(self.path),
+                                   "toc": [self.footer.toc_offset, self.footer.toc_size],
+                                   "hot": span})
+
+    @property
+    def toc_bytes(self) -> bytes:
+        return self.blob[self.footer.toc_offset:self.footer.toc_offset + self.footer.toc_size]
+
+
 def test_one_range_brings_the_toc_and_then_the_hot_frames(tmp_path: Path) -> None:
-    new, toc = _blob()
-    footer = fmt.Footer.decode(new[-fmt.FOOTER_SIZE:])
-    span = hot.frames_span(toc)
-    assert span is not None
-    client = _Client(new)
-    server = _server(tmp_path, client)
-    path = tmp_path / "toc"
-    reply = server.op_toc({"source": _spec(), "toc": [footer.toc_offset, footer.toc_size],
-                           "hot": list(span), "path": str(path)})
-    assert reply == {"hot": True}
-    assert path.read_bytes() == new[footer.toc_offset:footer.toc_offset + footer.toc_size]
-    assert client.opened == [(footer.toc_offset, span[0] + span[1] - footer.toc_offset)]
+    case = _TocCase(tmp_path)
+    span, server, client = case.span, case.server, case.client
+    assert case.ask(list(span)) == {"hot": True}
+    assert case.path.read_bytes() == case.toc_bytes
+    start = case.footer.toc_offset
+    assert client.opened == [(start, span[0] + span[1] - start)]
     # warm-up names the frames: their stream is the rest of that response, checked frame by
     # frame, and the warm call's own head start finds one on its way
     assert not server.head_starts.start(DIGEST, span[0], span[1], lambda o, n: io.BytesIO())
-    source = server._source(_spec())
-    refs = hot.frame_refs(toc)
-    got = dict(server.fetcher.stream(source, refs))
+    refs = hot.frame_refs(case.toc)
+    got = dict(server.fetcher.stream(server._source(_spec()), refs))
     assert len(client.opened) == 1 and client.reads == []
     for ref in refs:
-        frame = new[ref.blob_offset:ref.blob_offset + ref.compressed_size]
+        frame = case.blob[ref.blob_offset:ref.blob_offset + ref.compressed_size]
         assert got[ref] == zstandard.ZstdDecompressor().decompress(
             frame, max_output_size=ref.size)
 
 
 def test_a_toc_without_frames_behind_it_is_one_plain_read(tmp_path: Path) -> None:
-    new, _ = _blob()
-    footer = fmt.Footer.decode(new[-fmt.FOOTER_SIZE:])
-    client = _Client(new)
-    server = _server(tmp_path, client)
+    case = _TocCase(tmp_path)
     for hot_span in (None, [1, 10]):  # no frames, or frames before the TOC
-        path = tmp_path / "toc"
-        reply = server.op_toc({"source": _spec(), "toc": [footer.toc_offset, footer.toc_size],
-                               "hot": hot_span, "path": str(path)})
-        assert reply == {"hot": False}
-        assert path.read_bytes() == new[footer.toc_offset:footer.toc_offset + footer.toc_size]
-    assert client.opened == [] and len(client.reads) == 2
+        assert case.ask(hot_span) == {"hot": False}
+        assert case.path.read_bytes() == case.toc_bytes
+    assert case.client.opened == [] and len(case.client.reads) == 2
+
+
+def test_no_single_request_when_the_frames_would_not_be_kept(tmp_path: Path) -> None:
+    case = _TocCase(tmp_path)
+    case.server.head_starts.max_bytes = case.span[1] - 1  # no memory for these frames
+    assert not case.server.head_starts.room(DIGEST, case.span[1])
+    assert case.ask(list(case.span)) == {"hot": False}
+    assert case.path.read_bytes() == case.toc_bytes
+    assert case.client.opened == [] and len(case.client.reads) == 1
