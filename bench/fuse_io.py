@@ -148,7 +148,8 @@ def _wait_prefetched(zsd: Snapshotterd, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         layers = _fuse_call(zsd, "list")["layers"]
-        if layers and all(x["prefetch_done"] >= x["prefetch_total"] for x in layers):
+        if layers and all(x["prefetch_planned"] and x["prefetch_done"] >= x["prefetch_total"]
+                          for x in layers):
             return True
         time.sleep(1)
     return False

@@ -60,6 +60,9 @@ class Layer:
     digest: str = ""  # the layer blob's digest
     prefetch_done: int = 0
     prefetch_total: int = 0
+    # False from the prefetch's start until it has counted its total: until then, done >=
+    # total says nothing
+    prefetch_planned: bool = True
     # first-touch order of the chunks reads asked for (blob offsets): the layer's profile
     touched: list[int] = field(default_factory=list)
     touched_set: set[int] = field(default_factory=set)

@@ -138,6 +138,7 @@ class Prefetcher:
     def start(self, layer: Layer) -> None:
         with self._lock:
             self._stopped.discard(layer.name)
+        layer.prefetch_planned = False
         threading.Thread(target=self._run, args=(layer,), name=f"prefetch-{layer.name}",
                          daemon=True).start()
 
@@ -212,6 +213,7 @@ class Prefetcher:
                 r for r in map(tree.chunk_at, dict.fromkeys(layer.prefetch_list)) if r]
             layer.prefetch_total = len(hot) + (
                 tree.chunk_count if self.background else len(first))
+            layer.prefetch_planned = True
             self._fetch_hot(layer, hot)
             self._fetch_first(layer, first)
             if self.background:
@@ -220,6 +222,8 @@ class Prefetcher:
                                                         "chunks": layer.prefetch_done}})
         except Exception as exc:  # prefetch is best effort; reads fetch on demand
             log.warning("prefetch stopped", extra={"kv": {"layer": layer.what, "error": exc}})
+        finally:
+            layer.prefetch_planned = True
 
     def _fetch_first(self, layer: Layer, refs: list[ChunkRef]) -> None:
         """The prefetch list, fetched at once, several requests in parallel."""

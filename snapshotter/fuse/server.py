@@ -227,7 +227,8 @@ class Server:
     def op_list(self, req: dict[str, Any]) -> dict[str, Any]:
         return {"layers": [
             {"name": layer.name, "slot": layer.slot, "what": layer.what, "digest": layer.digest,
-             "prefetch_done": layer.prefetch_done, "prefetch_total": layer.prefetch_total}
+             "prefetch_done": layer.prefetch_done, "prefetch_total": layer.prefetch_total,
+             "prefetch_planned": layer.prefetch_planned}
             for layer in self.layers.all()]}
 
     def op_predict(self, req: dict[str, Any]) -> dict[str, Any]:

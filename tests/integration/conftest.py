@@ -87,7 +87,9 @@ class Node:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             layers: list[dict] = self.fuse_call("list")["layers"]  # type: ignore[type-arg]
-            if layers and all(x["prefetch_done"] >= x["prefetch_total"] for x in layers):
+            # a layer whose prefetch has not counted its total yet shows 0 of 0
+            if layers and all(x["prefetch_planned"] and x["prefetch_done"] >= x["prefetch_total"]
+                              for x in layers):
                 return layers
             time.sleep(0.3)
         raise AssertionError(f"prefetch did not finish: {self.fuse_call('list')}")

@@ -328,3 +328,30 @@ def test_pages_recorded_from_many_threads_are_kept_once(tmp_path: Path) -> None:
         t.join()
     assert len(layer.pages) == len(set(layer.pages)) == 3000
     assert layer.page_runs() == [(7, 0, 3000)]
+
+
+def test_a_started_prefetch_is_not_done_before_it_has_counted_its_total(
+        tmp_path: Path) -> None:
+    """0 of 0 is not finished: a waiter polling `list` sees the prefetch unplanned until its
+    thread has counted the chunks it will fetch."""
+    gate = threading.Event()
+
+    class Held(Prefetcher):
+        def _run(self, layer: Layer) -> None:
+            gate.wait(10)
+            super()._run(layer)
+
+    layer, _ = _layer(tmp_path)
+    entry = layer.tree.entry(_ino(layer, b"big"))
+    assert entry is not None
+    layer.prefetch_override = [c.blob_offset for c in entry.chunks[:3]]
+    prefetcher = Held(Fetcher(ChunkCache(tmp_path / "cache", 10**8)), parallel=2,
+                      background=False)
+    assert layer.prefetch_planned  # nothing started: nothing to wait for
+    prefetcher.start(layer)
+    assert not layer.prefetch_planned and layer.prefetch_total == 0
+    gate.set()
+    _wait(lambda: layer.prefetch_planned)
+    assert layer.prefetch_total == 3
+    _wait(lambda: layer.prefetch_done >= 3)
+    prefetcher.shutdown()
